@@ -1,0 +1,42 @@
+# The two commands of README: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+DEMO_WORKDIR ?= runs/fashion_mnist
+
+.PHONY: setup test demo fashion-mnist lint format clean
+
+# A venv with the pinned requirements, the test tools and this package (editable).
+$(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest
+
+# Installs Debian's dataset-fashion-mnist when its files are missing and apt-get can be used.
+fashion-mnist:
+	@FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) bash launch/get_fashion_mnist.sh
+
+demo: setup fashion-mnist
+	$(PY) -m sagan_jax.main --config=configs/fashion_mnist.py --workdir=$(DEMO_WORKDIR) \
+	  --config.data.fashion_mnist_dir=$(FASHION_MNIST_DIR)
+	$(PY) -m sagan_jax.classifier --workdir=$(DEMO_WORKDIR) --fashion_mnist_dir=$(FASHION_MNIST_DIR)
+	@echo "Samples: $(DEMO_WORKDIR)/samples/ (one row per class); TensorBoard: tensorboard --logdir=$(DEMO_WORKDIR)"
+
+lint: setup
+	$(PY) -m flake8 sagan_jax configs tests
+	$(PY) -m yapf --diff --recursive sagan_jax configs tests
+
+format: setup
+	$(PY) -m yapf --in-place --recursive sagan_jax configs tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,39 @@
+"""Trains SAGAN: `python -m sagan_jax.main --config=configs/imagenet.py --workdir=DIR`.
+
+Config fields are overridden on the command line (`--config.model.ch=96`). Training resumes from
+WORKDIR's newest checkpoint. A wrong setting ends with one line naming the fix (exit code 2).
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from sagan_jax.errors import ConfigError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, logs, samples.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from sagan_jax import train_loop
+  try:
+    train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,204 @@
+"""SAGAN's Generator and Discriminator, built from a resolution, a width `ch` and multipliers.
+
+The architectures follow the authors' ResNet SAGAN (REFERENCE.md) and BigGAN's per-resolution
+tables. Self-attention is placed by feature-map resolution, separately for G and D.
+"""
+
+import dataclasses
+from typing import Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sagan_jax import layers
+from sagan_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """Channel multipliers of `ch` for one resolution.
+
+  g_widths[0] is the width of G's 4x4 input map; G's block i maps g_widths[i] -> g_widths[i + 1]
+  and doubles the resolution. D's block i outputs d_widths[i] channels, halving the resolution
+  when d_downsample[i]; D's block 0 is the "optimized" block that reads the image.
+  """
+  g_widths: Tuple[int, ...]
+  d_widths: Tuple[int, ...]
+  d_downsample: Tuple[bool, ...]
+
+
+ARCHITECTURES = {
+    32: Architecture((4, 4, 4, 4), (4, 4, 4, 4), (True, True, False, False)),
+    64: Architecture((16, 16, 8, 4, 2), (1, 2, 4, 8, 16), (True,) * 4 + (False,)),
+    128: Architecture((16, 16, 8, 4, 2, 1), (1, 2, 4, 8, 16, 16), (True,) * 5 + (False,)),
+    256: Architecture((16, 16, 8, 8, 4, 2, 1), (1, 2, 4, 8, 8, 16, 16), (True,) * 6 + (False,)),
+}
+
+
+def get_architecture(resolution: int) -> Architecture:
+  if resolution not in ARCHITECTURES:
+    raise ConfigError(f'unknown resolution {resolution}: set --config.data.resolution to one of '
+                      f'{sorted(ARCHITECTURES)}')
+  return ARCHITECTURES[resolution]
+
+
+def g_block_resolutions(resolution: int) -> Tuple[int, ...]:
+  """Output resolutions of G's blocks (where G's attention may go)."""
+  n = len(get_architecture(resolution).g_widths) - 1
+  return tuple(4 * 2**(i + 1) for i in range(n))
+
+
+def d_block_resolutions(resolution: int) -> Tuple[int, ...]:
+  """Output resolutions of D's blocks (where D's attention may go)."""
+  out, res = [], resolution
+  for down in get_architecture(resolution).d_downsample:
+    res = res // 2 if down else res
+    out.append(res)
+  return tuple(out)
+
+
+def check_model_config(model_config, resolution: int) -> None:
+  """Raises ConfigError for settings the networks cannot be built with."""
+  get_architecture(resolution)
+  layers.create_kernel_init(model_config.init)
+  if model_config.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f"unknown model.attention_impl '{model_config.attention_impl}': set "
+                      f'--config.model.attention_impl to one of '
+                      f'{sorted(layers.ATTENTION_IMPLEMENTATIONS)}')
+  for net, field, valid in (('G', 'g_attention', g_block_resolutions(resolution)),
+                            ('D', 'd_attention', d_block_resolutions(resolution))):
+    for res in getattr(model_config, field):
+      if res not in valid or res < 2:
+        raise ConfigError(
+            f'{net} has no {res}x{res} feature map at {resolution} px: set --config.model.{field} '
+            f'to resolutions among {sorted(set(r for r in valid if r >= 2))} (or an empty tuple)')
+  if model_config.ch % 8:
+    raise ConfigError(f'model.ch={model_config.ch} must be a multiple of 8 (attention uses C/8)')
+
+
+class GBlock(nn.Module):
+  """CBN -> ReLU -> up -> conv3x3 -> CBN -> ReLU -> conv3x3; shortcut: up -> conv1x1."""
+  features: int
+  num_classes: int
+  kernel_init: layers.Initializer
+  bn_momentum: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, labels, train: bool):
+    conv = lambda k, name: layers.SNConv(  # pylint: disable=g-long-lambda
+        self.features, (k, k), kernel_init=self.kernel_init, dtype=self.dtype, name=name)
+    bn = lambda name: layers.ConditionalBatchNorm(self.num_classes, self.bn_momentum, name=name)
+    h = nn.relu(bn('bn1')(x, labels, use_running_average=not train))
+    h = conv(3, 'conv1')(layers.upsample_2x(h), train)
+    h = nn.relu(bn('bn2')(h, labels, use_running_average=not train))
+    h = conv(3, 'conv2')(h, train)
+    return h + conv(1, 'shortcut')(layers.upsample_2x(x), train)
+
+
+class DBlock(nn.Module):
+  """Pre-activation ReLU -> conv3x3 -> ReLU -> conv3x3 [-> avgpool]; shortcut conv1x1 [-> avgpool].
+
+  The first block (`optimized`) reads the image: conv3x3 -> ReLU -> conv3x3 -> avgpool, shortcut
+  avgpool -> conv1x1. Otherwise the shortcut is the identity when widths match and nothing is
+  downsampled.
+  """
+  features: int
+  downsample: bool
+  optimized: bool
+  kernel_init: layers.Initializer
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, update_sn: bool):
+    conv = lambda k, name: layers.SNConv(  # pylint: disable=g-long-lambda
+        self.features, (k, k), kernel_init=self.kernel_init, dtype=self.dtype, name=name)
+    h = x if self.optimized else nn.relu(x)
+    h = conv(3, 'conv1')(h, update_sn)
+    h = conv(3, 'conv2')(nn.relu(h), update_sn)
+    if self.downsample:
+      h = layers.avg_pool_2x2(h)
+    if self.optimized:
+      return h + conv(1, 'shortcut')(layers.avg_pool_2x2(x), update_sn)
+    shortcut = x
+    if self.downsample or x.shape[-1] != self.features:
+      shortcut = conv(1, 'shortcut')(x, update_sn)
+      if self.downsample:
+        shortcut = layers.avg_pool_2x2(shortcut)
+    return h + shortcut
+
+
+class Generator(nn.Module):
+  """G(z, y): SN-linear -> 4x4 map -> up-blocks (+ attention) -> BN -> ReLU -> SN conv -> tanh."""
+  resolution: int
+  ch: int
+  num_classes: int
+  out_channels: int = 3
+  attention: Sequence[int] = (64,)
+  weight_init: str = 'xavier'
+  attention_impl: str = 'fused'
+  bn_momentum: float = 0.9
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, labels: jax.Array, train: bool) -> jax.Array:
+    """Returns images in [-1, 1], NHWC. `train` updates spectral vectors and BN statistics."""
+    widths = [m * self.ch for m in get_architecture(self.resolution).g_widths]
+    kernel_init = layers.create_kernel_init(self.weight_init)
+    h = layers.SNDense(4 * 4 * widths[0], kernel_init=kernel_init, dtype=self.dtype,
+                       name='linear')(z, train)
+    h = h.reshape(z.shape[0], 4, 4, widths[0])
+    for i, (width, res) in enumerate(zip(widths[1:], g_block_resolutions(self.resolution))):
+      h = GBlock(width, self.num_classes, kernel_init, self.bn_momentum, self.dtype,
+                 name=f'block{i}')(h, labels, train)
+      if res in self.attention:
+        h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
+                                 name=f'attention{res}')(h, train)
+    h = layers.ConditionalBatchNorm(None, self.bn_momentum, name='bn_out')(
+        h, None, use_running_average=not train)
+    h = layers.SNConv(self.out_channels, (3, 3), kernel_init=kernel_init, dtype=self.dtype,
+                      name='conv_out')(nn.relu(h), train)
+    return jnp.tanh(h.astype(jnp.float32))
+
+
+class Discriminator(nn.Module):
+  """D(x, y): ResNet down-blocks (+ attention) -> ReLU -> sum -> SN-linear + projection."""
+  resolution: int
+  ch: int
+  num_classes: int
+  attention: Sequence[int] = (64,)
+  weight_init: str = 'xavier'
+  attention_impl: str = 'fused'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: jax.Array, update_sn: bool) -> jax.Array:
+    """Returns one float32 logit per image; `update_sn` runs a power iteration and stores u."""
+    arch = get_architecture(self.resolution)
+    kernel_init = layers.create_kernel_init(self.weight_init)
+    h = x
+    blocks = zip(arch.d_widths, arch.d_downsample, d_block_resolutions(self.resolution))
+    for i, (mult, down, res) in enumerate(blocks):
+      h = DBlock(mult * self.ch, down, i == 0, kernel_init, self.dtype, name=f'block{i}')(
+          h, update_sn)
+      if res in self.attention:
+        h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
+                                 name=f'attention{res}')(h, update_sn)
+    h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
+    out = layers.SNDense(1, kernel_init=kernel_init, name='linear')(h, update_sn)[:, 0]
+    embedding = layers.SNEmbed(self.num_classes, h.shape[-1], kernel_init, name='embed')(
+        labels, update_sn)
+    return out + jnp.sum(embedding * h, axis=-1)
+
+
+def create_models(config) -> Tuple[Generator, Discriminator]:
+  """Builds G and D from `config.model` and `config.data` (validated first)."""
+  check_model_config(config.model, config.data.resolution)
+  m = config.model
+  common = dict(resolution=config.data.resolution, ch=m.ch, num_classes=config.data.num_classes,
+                weight_init=m.init, attention_impl=m.attention_impl, dtype=jnp.dtype(m.dtype))
+  generator = Generator(out_channels=config.data.channels, attention=tuple(m.g_attention),
+                        bn_momentum=m.bn_momentum, **common)
+  discriminator = Discriminator(attention=tuple(m.d_attention), **common)
+  return generator, discriminator

@@ -1,0 +1,65 @@
+"""Sample grids: fixed latents (one row per class), PNG files, uint8 conversion."""
+
+import io
+from typing import Tuple
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from sagan_jax import models
+
+
+def grid_latents(sample_config, z_dim: int, num_classes: int, seed: int
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """Fixed z [rows * columns, z_dim] and labels: row r shows one class, spread over all classes."""
+  rows = min(sample_config.num_rows, num_classes)
+  classes = np.round(np.linspace(0, num_classes - 1, rows)).astype(np.int32)
+  rng = np.random.default_rng(seed)
+  z = rng.standard_normal((rows * sample_config.num_columns, z_dim)).astype(np.float32)
+  return z, np.repeat(classes, sample_config.num_columns)
+
+
+def create_sample_fn(generator: models.Generator):
+  """A compiled `sample_fn(g_params, g_state, z, labels) -> images` in evaluation mode."""
+
+  @jax.jit
+  def sample_fn(g_params, g_state, z, labels):
+    return generator.apply({'params': g_params, **g_state}, z, labels, train=False)
+
+  return sample_fn
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> uint8 [0, 255]."""
+  images = (np.asarray(images, np.float32) + 1.0) * 127.5
+  return np.clip(np.round(images), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+  """Tiles [rows * cols, H, W, C] images into one [rows * H, cols * W, C] image."""
+  n, h, w, c = images.shape
+  cols = n // rows
+  grid = images[:rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4)
+  return grid.reshape(rows * h, cols * w, c)
+
+
+def save_png(path: epath.PathLike, image: np.ndarray) -> None:
+  """Writes a uint8 HxWxC image (C = 1 or 3) as PNG, on local disk or gs://."""
+  image = image[..., 0] if image.shape[-1] == 1 else image
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def generate(sample_fn, g_params, g_state, z_dim: int, labels: np.ndarray, rng: jax.Array,
+             batch_size: int = 500) -> np.ndarray:
+  """Generates uint8 images for `labels`, batch by batch."""
+  out = []
+  for start in range(0, len(labels), batch_size):
+    y = jnp.asarray(labels[start:start + batch_size])
+    z = jax.random.normal(jax.random.fold_in(rng, start), (len(y), z_dim))
+    out.append(to_uint8(sample_fn(g_params, g_state, z, y)))
+  return np.concatenate(out)

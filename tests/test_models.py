@@ -1,0 +1,120 @@
+"""Generator and Discriminator: shapes and ranges at every resolution, parameter counts, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from sagan_jax import models
+from sagan_jax.errors import ConfigError
+
+
+def count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def small_config(resolution: int, g_attention=(), d_attention=()):
+  config = default.get_config()
+  config.data.resolution = resolution
+  config.data.num_classes = 5
+  config.model.ch = 8
+  config.model.g_attention = g_attention
+  config.model.d_attention = d_attention
+  return config
+
+
+@pytest.mark.parametrize('resolution,attention', [(32, 16), (64, 32), (128, 64), (256, 128)])
+def test_shapes_and_ranges_at_every_resolution(resolution, attention):
+  config = small_config(resolution, (attention,), (attention,))
+  generator, discriminator = models.create_models(config)
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 128))
+  labels = jnp.array([0, 4])
+  g_vars = generator.init(jax.random.PRNGKey(1), z, labels, train=True)
+  images = generator.apply(g_vars, z, labels, train=False)
+  assert images.shape == (2, resolution, resolution, 3)
+  assert float(jnp.min(images)) >= -1.0 and float(jnp.max(images)) <= 1.0
+  assert float(jnp.std(images)) > 0.0
+  d_vars = discriminator.init(jax.random.PRNGKey(2), images, labels, update_sn=True)
+  logits = discriminator.apply(d_vars, images, labels, update_sn=False)
+  assert logits.shape == (2,) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  assert f'attention{attention}' in g_vars['params']
+  assert f'attention{attention}' in d_vars['params']
+
+
+def test_both_attention_placements_build_at_128():
+  for res in (32, 64):
+    config = small_config(128, (res,), (res,))
+    models.check_model_config(config.model, 128)
+  # The official code's 32x32 placement: G's 4ch block and D's 2ch block.
+  config = default.get_config()
+  config.model.g_attention, config.model.d_attention = (32,), (32,)
+  generator, discriminator = models.create_models(config)
+  g_shapes = jax.eval_shape(lambda: generator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, 128)), jnp.zeros((2,), jnp.int32), train=True))
+  d_shapes = jax.eval_shape(lambda: discriminator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, 128, 128, 3)), jnp.zeros((2,), jnp.int32),
+      update_sn=True))
+  assert g_shapes['params']['attention32']['theta']['kernel'].shape == (1, 1, 256, 32)
+  assert d_shapes['params']['attention32']['theta']['kernel'].shape == (1, 1, 128, 16)
+
+
+def test_parameter_counts_at_128px_ch64():
+  """Trainable parameters of the paper's ImageNet-128 model (ch 64, 1000 classes, attention 64).
+
+  Generator (z 128):
+    linear z -> 4x4x1024:                128 * 16384 + 16384                 =  2,113,536
+    up-block in -> out: CBN tables 2*1000*in + 2*1000*out, conv3x3 9*in*out + out,
+      conv3x3 9*out*out + out, shortcut conv1x1 in*out + out:
+      1024 -> 1024: 2,048,000 + 2,048,000 + 9,438,208 + 9,438,208 + 1,049,600 = 24,022,016
+      1024 ->  512: 2,048,000 + 1,024,000 + 4,719,104 + 2,359,808 +   524,800 = 10,675,712
+       512 ->  256: 1,024,000 +   512,000 + 1,179,904 +   590,080 +   131,328 =  3,437,312
+       256 ->  128:   512,000 +   256,000 +   295,040 +   147,584 +    32,896 =  1,243,520
+       128 ->   64:   256,000 +   128,000 +    73,792 +    36,928 +     8,256 =    502,976
+    attention at 64x64 (C = 128, no biases): C*C/8 * 2 + C*C/2 * 2 + gamma    =     20,481
+    last BN gamma, beta (64 each) + conv3x3 64 -> 3 (1,728 + 3)                =      1,859
+    total                                                                       = 42,017,412
+  Discriminator:
+    optimized block 3 -> 64: 1,792 + 36,928 + shortcut 256                      =     38,976
+    attention at 64x64 (C = 64): 2*512 + 2*2,048 + 1                            =      5,121
+    down-blocks in -> out: conv3x3 9*in*out + out, conv3x3 9*out*out + out, shortcut in*out + out:
+        64 ->  128:    73,856 +   147,584 +    8,320                            =    229,760
+       128 ->  256:   295,168 +   590,080 +   33,024                            =    918,272
+       256 ->  512: 1,180,160 + 2,359,808 +  131,584                            =  3,671,552
+       512 -> 1024: 4,719,616 + 9,438,208 +  525,312                            = 14,683,136
+      1024 -> 1024 (no downsampling, identity shortcut): 2 * 9,438,208          = 18,876,416
+    linear 1024 -> 1 (1,025) + class embedding 1000 x 1024 (1,024,000)         =  1,025,025
+    total                                                                       = 39,448,258
+  Spectral vectors u and BN moving statistics are not parameters.
+  """
+  generator, discriminator = models.create_models(default.get_config())
+  g_shapes = jax.eval_shape(lambda: generator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, 128)), jnp.zeros((2,), jnp.int32), train=True))
+  d_shapes = jax.eval_shape(lambda: discriminator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, 128, 128, 3)), jnp.zeros((2,), jnp.int32),
+      update_sn=True))
+  assert count(g_shapes['params']) == 42_017_412
+  assert count(d_shapes['params']) == 39_448_258
+  assert set(g_shapes) == {'params', 'spectral', 'batch_stats'}
+  assert set(d_shapes) == {'params', 'spectral'}
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('resolution', 48, 'unknown resolution 48'),
+    ('g_attention', (128,), 'G has no 128x128 feature map at 64 px'),
+    ('d_attention', (2,), 'D has no 2x2 feature map at 64 px'),
+    ('init', 'he', "unknown model.init 'he'"),
+    ('attention_impl', 'flash', "unknown model.attention_impl 'flash'"),
+])
+def test_bad_model_settings_name_the_fix(field, value, message):
+  config = small_config(64)
+  if field == 'resolution':
+    config.data.resolution = value
+  else:
+    setattr(config.model, field, value)
+  with pytest.raises(ConfigError, match=message) as error:
+    models.create_models(config)
+  assert '--config.' in str(error.value)
