@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= runs/fashion_mnist
 
-.PHONY: setup test demo fashion-mnist lint format clean
+.PHONY: setup test demo fashion-mnist lint clean
 
 # A venv with the pinned requirements, the test tools and this package (editable).
 $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
@@ -31,12 +31,9 @@ demo: setup fashion-mnist
 	$(PY) -m sagan_jax.classifier --workdir=$(DEMO_WORKDIR) --fashion_mnist_dir=$(FASHION_MNIST_DIR)
 	@echo "Samples: $(DEMO_WORKDIR)/samples/ (one row per class); TensorBoard: tensorboard --logdir=$(DEMO_WORKDIR)"
 
+# flake8 with setup.cfg's settings (tests/test_style.py runs it too).
 lint: setup
 	$(PY) -m flake8 sagan_jax configs tests
-	$(PY) -m yapf --diff --recursive sagan_jax configs tests
-
-format: setup
-	$(PY) -m yapf --in-place --recursive sagan_jax configs tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,7 @@
 """SAGAN on ImageNet 128x128: the paper's recipe (REFERENCE.md), the defaults of default.py.
 
   python -m sagan_jax.main --config=configs/imagenet.py --workdir=gs://BUCKET/sagan128
-  python -m sagan_jax.main --config=configs/imagenet.py:attention=32 ...  (the official code's wiring)
+  python -m sagan_jax.main --config=configs/imagenet.py:32 ...  (the official code's 32x32 wiring)
 
 tfds `imagenet2012` must be prepared beforehand (manual download; see README).
 """

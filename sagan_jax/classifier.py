@@ -10,14 +10,10 @@ its class.
 """
 
 import json
-import os
 import sys
 import time
 from typing import Dict, Tuple
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from etils import epath
@@ -125,7 +121,8 @@ def main(argv):
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f"classifier accuracy on real images: {result['classifier_accuracy_on_real_train_images']:.4f}")
+  real = result['classifier_accuracy_on_real_train_images']
+  print(f'classifier accuracy on real images: {real:.4f}')
   print(f"class accuracy of {result['num_samples']} generated samples: "
         f"{result['class_accuracy']:.4f}")
 

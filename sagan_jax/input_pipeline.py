@@ -99,7 +99,8 @@ def _tfds_source(data_config) -> tf.data.Dataset:
   builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
   split = tfds.split_for_jax_process(data_config.split, drop_remainder=True)
   ds = builder.as_dataset(split=split, shuffle_files=False)
-  return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  return ds.map(tf.autograph.experimental.do_not_convert(
+      lambda ex: {'image': ex['image'], 'label': ex['label']}))
 
 
 def _fashion_mnist_source(data_config) -> tf.data.Dataset:
@@ -132,7 +133,12 @@ def create_train_iterator(config, seed: int) -> Iterator[Dict[str, np.ndarray]]:
   ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
   # One stateless seed per example keeps the random flips deterministic.
   seeds = tf.data.Dataset.random(seed=seed).batch(2)
-  ds = tf.data.Dataset.zip((ds, seeds)).map(lambda ex, s: {**ex, 'seed': s})
-  ds = ds.map(lambda ex: preprocess(ex, data_config), num_parallel_calls=tf.data.AUTOTUNE)
+
+  @tf.autograph.experimental.do_not_convert
+  def add_seed_and_preprocess(example, example_seed):
+    return preprocess({**example, 'seed': example_seed}, data_config)
+
+  ds = tf.data.Dataset.zip((ds, seeds)).map(add_seed_and_preprocess,
+                                            num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).batch(config.train.d_steps, drop_remainder=True)
   return ds.prefetch(2).as_numpy_iterator()

@@ -33,7 +33,8 @@ def create_kernel_init(name: str) -> Initializer:
     return nn.initializers.xavier_uniform()
   if name == 'orthogonal':
     return nn.initializers.orthogonal()
-  raise ConfigError(f"unknown model.init '{name}': set --config.model.init to 'xavier' or 'orthogonal'")
+  raise ConfigError(f"unknown model.init '{name}': set --config.model.init to 'xavier' or "
+                    "'orthogonal'")
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -97,7 +98,8 @@ class SNConv(nn.Module):
         x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1, 1), padding='SAME',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(y.dtype)
     return y
 
 

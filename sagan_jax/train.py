@@ -56,7 +56,8 @@ def create_train_state(config, generator: models.Generator, discriminator: model
   return GANTrainState(
       step=jnp.zeros((), jnp.int32), rng=run_rng, g_params=g_params, d_params=d_params,
       g_state=dict(g_vars), d_state=dict(d_vars), g_opt_state=g_tx.init(g_params),
-      d_opt_state=d_tx.init(d_params), ema_g_params=jax.tree.map(jnp.copy, g_params), g_tx=g_tx, d_tx=d_tx)
+      d_opt_state=d_tx.init(d_params), ema_g_params=jax.tree.map(jnp.copy, g_params),
+      g_tx=g_tx, d_tx=d_tx)
 
 
 def create_train_step(config, generator: models.Generator, discriminator: models.Discriminator,

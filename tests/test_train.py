@@ -72,10 +72,12 @@ def test_batch_and_state_are_sharded_as_declared(setup):
 
 
 def test_step_compiles_once(setup):
-  state = setup['state8']
+  mesh = setup['mesh8']
+  # A copy: the step donates its input state.
+  state = jax.device_put(jax.device_get(setup['state8']), sharding.replicated(mesh))
   for seed in range(3):  # New data, new step numbers: no retrace (assert_max_traces(n=1)).
-    state, _ = setup['step8'](state, sharding.make_global_batch(make_batch(setup['config'], seed),
-                                                                 setup['mesh8']))
+    batch = sharding.make_global_batch(make_batch(setup['config'], seed), mesh)
+    state, _ = setup['step8'](state, batch)
   assert int(state.step) == 4
   assert setup['step8']._cache_size() == 1  # pylint: disable=protected-access
 

@@ -1,0 +1,98 @@
+"""`python -m sagan_jax.main` end to end: 3 steps, outputs, resume, and one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_flags(data_dir, workdir, num_steps):
+  return [
+      f'--workdir={workdir}', '--config=configs/fashion_mnist.py',
+      f'--config.data.fashion_mnist_dir={data_dir}', '--config.data.shuffle_buffer=64',
+      '--config.model.ch=8', '--config.train.batch_size=8', f'--config.train.num_steps={num_steps}',
+      '--config.log_every_steps=1', '--config.sample_every_steps=2',
+      '--config.checkpoint_every_steps=2', '--config.sample.num_columns=2',
+      '--config.sample.final_per_class=2'
+  ]
+
+
+def run_main(*flags):
+  return subprocess.run([sys.executable, '-m', 'sagan_jax.main', *flags],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                        check=False)
+
+
+def listing(directory):
+  return sorted(
+      os.path.relpath(os.path.join(root, f), directory)
+      for root, _, files in os.walk(directory)
+      for f in files)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, fake_fashion_mnist_dir):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  first = run_main(*tiny_flags(fake_fashion_mnist_dir, workdir, 3))
+  assert first.returncode == 0, first.stderr[-3000:]
+  files_after_first = listing(workdir)
+  resumed = run_main(*tiny_flags(fake_fashion_mnist_dir, workdir, 5))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  return dict(workdir=workdir,
+              data_dir=fake_fashion_mnist_dir,
+              first=first,
+              resumed=resumed,
+              files_after_first=files_after_first)
+
+
+def test_three_steps_write_checkpoints_samples_and_logs(trained):
+  files = trained['files_after_first']
+  assert {'samples/step_0000002.png', 'samples/step_0000003.png', 'samples.npz'} <= set(files)
+  assert any(f.startswith('checkpoints/2/') for f in files)
+  assert any(f.startswith('checkpoints/3/') for f in files)
+  assert any('events.out.tfevents' in f for f in files)
+  log = trained['first'].stderr
+  assert 'Starting at step 0 of 3' in log
+  assert 'step 3/3' in log and 'steps/s' in log and 'ETA' in log and 'd_loss=' in log
+
+
+def test_sample_grid_has_one_row_per_class(trained):
+  grid = np.asarray(Image.open(os.path.join(trained['workdir'], 'samples', 'step_0000002.png')))
+  assert grid.shape == (10 * 32, 2 * 32)  # 10 classes x 2 fixed latents, grayscale.
+  assert grid.std() > 0
+  samples = np.load(os.path.join(trained['workdir'], 'samples.npz'))
+  assert samples['images'].shape == (20, 32, 32, 1) and samples['images'].dtype == np.uint8
+  np.testing.assert_array_equal(samples['labels'], np.repeat(np.arange(10), 2))
+
+
+def test_resume_continues_from_the_newest_checkpoint(trained):
+  log = trained['resumed'].stderr
+  assert 'Starting at step 3 of 5' in log
+  assert 'step 4/5' in log and 'step 1/5' not in log
+  checkpoints = os.listdir(os.path.join(trained['workdir'], 'checkpoints'))
+  assert {'4', '5'} <= set(checkpoints)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.data.resolution=48', 'unknown resolution 48'),
+    ('--config.model.g_attention=(64,)', 'G has no 64x64 feature map at 32 px'),
+    ('--config.train.batch_size=12', 'batch_size=12 does not divide over 8 devices'),
+    ('--config.train.loss=lsgan', "unknown train.loss 'lsgan'"),
+    ('--config.data.fashion_mnist_dir=/nonexistent', 'apt-get install dataset-fashion-mnist'),
+])
+def test_bad_input_is_one_line_and_leaves_the_workdir_alone(trained, override, message):
+  before = listing(trained['workdir'])
+  result = run_main(*tiny_flags(trained['data_dir'], trained['workdir'], 7), override)
+  assert result.returncode == 2
+  assert 'Traceback' not in result.stderr
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: ') and message in last_line, result.stderr[-2000:]
+  assert listing(trained['workdir']) == before
