@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
   """Bad user input (config, data path, workdir). `main` prints it as one line, no traceback."""
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss, say). `main` prints it as one line, exit code 3."""

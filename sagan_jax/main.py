@@ -13,6 +13,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from sagan_jax.errors import ConfigError
+from sagan_jax.errors import TrainingError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
@@ -35,10 +36,10 @@ def main(argv):
   from sagan_jax import train_loop
   try:
     train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except ConfigError as e:
+  except (ConfigError, TrainingError) as e:
     logging.flush()
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(2 if isinstance(e, ConfigError) else 3)
 
 
 if __name__ == '__main__':

@@ -136,7 +136,12 @@ def create_train_step(config, generator: models.Generator, discriminator: models
       state, metrics = d_step(state, batch['image'][i], batch['label'][i],
                               jax.random.fold_in(step_rng, i))
     state, g_metrics = g_step(state, batch['image'].shape[1], jax.random.fold_in(step_rng, d_steps))
-    return state.replace(step=state.step + 1), {**metrics, **g_metrics}
+    metrics = {**metrics, **g_metrics}
+    # One flag for the host's non-finite guard: every loss and every parameter of G and D.
+    finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
+        (metrics, state.g_params, state.d_params))]
+    metrics['train/all_finite'] = jnp.all(jnp.stack(finite))
+    return state.replace(step=state.step + 1), metrics
 
   return train_step
 

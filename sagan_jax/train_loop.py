@@ -1,5 +1,7 @@
 """The training loop: validation, resume, the compiled step, logs, sample grids and checkpoints."""
 
+import functools
+import signal
 import time
 from typing import Any, Callable, Dict
 
@@ -17,6 +19,7 @@ from sagan_jax import models
 from sagan_jax import sampling
 from sagan_jax import sharding
 from sagan_jax import train
+from sagan_jax.errors import TrainingError
 
 
 def _check_config(config, mesh) -> None:
@@ -54,7 +57,7 @@ class _ProgressLogger:
                  _format_eta(eta), losses_text)
 
 
-def _write_grid(workdir: epath.Path, writer, step: int, sample_fn: Callable[..., Any], state,
+def _write_grid(workdir: epath.Path, writer, step: int, *, sample_fn: Callable[..., Any], state,
                 grid_inputs, use_ema: bool, rows: int) -> None:
   z, labels = grid_inputs
   g_params = state.ema_g_params if use_ema else state.g_params
@@ -79,25 +82,67 @@ def _write_final_samples(workdir: epath.Path, config, sample_fn, state) -> None:
     logging.info('Wrote %d samples to %s', len(labels), workdir / 'samples.npz')
 
 
+class _PreemptionWatcher:
+  """Turns SIGTERM (sent by TPU VMs, GCE and SLURM before preemption) into a flag the loop reads."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, metrics, manager) -> None:
+  """Stops training at the first non-finite loss or parameter, before it reaches a checkpoint."""
+  if not bool(metrics['train/all_finite']):
+    newest = manager.latest_step()
+    raise TrainingError(
+        f'non-finite loss or parameters at step {step}; the newest checkpoint '
+        f'(step {newest}) is the last good one and stays the newest: lower the learning rates '
+        f'(--config.train.g_lr / d_lr) or check the data, then run again to resume from it')
+
+
+def _restore_or_create(config, manager, generator, discriminator, mesh) -> train.GANTrainState:
+  """Resume order: the newest checkpoint in WORKDIR, else a fresh state from config.seed."""
+  rng = jax.random.PRNGKey(config.seed)
+
+  def init_fn():
+    return train.create_train_state(config, generator, discriminator, rng)
+
+  abstract = checkpointing.abstract_like(init_fn, sharding.replicated(mesh))
+  state = checkpointing.restore_latest(manager, abstract)
+  if state is None:
+    state = train.create_sharded_train_state(config, generator, discriminator, rng, mesh)
+  return state
+
+
 def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
-  """Trains SAGAN from `config`, resuming from WORKDIR's newest checkpoint; returns the state."""
+  """Trains SAGAN from `config`, resuming from WORKDIR's newest checkpoint; returns the state.
+
+  SIGTERM saves a checkpoint at the current step and returns. A non-finite loss or parameter
+  raises TrainingError without saving.
+  """
   workdir = epath.Path(workdir)
   mesh = sharding.create_mesh()
   _check_config(config, mesh)
   generator, discriminator = models.create_models(config)
-  replicated = sharding.replicated(mesh)
-
-  workdir.mkdir(parents=True, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   manager = checkpointing.create_checkpoint_manager(workdir, config)
-  rng = jax.random.PRNGKey(config.seed)
-
-  # Resume order: the newest checkpoint in WORKDIR, else a fresh state from config.seed.
-  def init_fn():
-    return train.create_train_state(config, generator, discriminator, rng)
-  state = checkpointing.restore_latest(manager, checkpointing.abstract_like(init_fn, replicated))
-  if state is None:
-    state = train.create_sharded_train_state(config, generator, discriminator, rng, mesh)
+  checkpointing.check_compatible(manager, config)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  state = _restore_or_create(config, manager, generator, discriminator, mesh)
   first_step = int(state.step)
   logging.info('Starting at step %d of %d (%d devices, %d processes) in %s', first_step,
                config.train.num_steps, mesh.devices.size, jax.process_count(), workdir)
@@ -109,27 +154,35 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   sample_fn = sampling.create_sample_fn(generator)
   grid_inputs = sampling.grid_latents(config.sample, config.model.z_dim, config.data.num_classes,
                                       config.seed)
-  rows = min(config.sample.num_rows, config.data.num_classes)
+  write_grid = functools.partial(_write_grid, workdir, writer, sample_fn=sample_fn,
+                                 grid_inputs=grid_inputs, use_ema=config.sample.use_ema,
+                                 rows=min(config.sample.num_rows, config.data.num_classes))
   progress = _ProgressLogger(writer, first_step, config.train.num_steps)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                                     writer=writer)
-
-  num_steps = config.train.num_steps
-  for step in range(first_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = sharding.make_global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
-    report_progress(step)
-    last = step == num_steps
-    if step % config.log_every_steps == 0 or last:
-      progress(step, metrics)
-    if step % config.sample_every_steps == 0 or last:
-      _write_grid(workdir, writer, step, sample_fn, state, grid_inputs, config.sample.use_ema,
-                  rows)
-    if step % config.checkpoint_every_steps == 0 or last:
-      checkpointing.save(manager, state, config)
-  manager.wait_until_finished()
-  if config.sample.final_per_class:
+  num_steps, previous_metrics = config.train.num_steps, None
+  with _PreemptionWatcher() as preemption:
+    for step in range(first_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding.make_global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch)
+      if previous_metrics is not None:  # Checked one step late: the host never waits here.
+        _check_finite(step - 1, previous_metrics, manager)
+      previous_metrics = metrics
+      report_progress(step)
+      last = step == num_steps
+      if step % config.log_every_steps == 0 or last:
+        progress(step, metrics)
+      if step % config.sample_every_steps == 0 or last:
+        write_grid(step, state=state)
+      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+        _check_finite(step, metrics, manager)
+        checkpointing.save(manager, state, config)
+      if preemption.requested:
+        logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
+        break
+    manager.wait_until_finished()
+  if config.sample.final_per_class and not preemption.requested:
     _write_final_samples(workdir, config, sample_fn, state)
   writer.flush()
   return state

@@ -41,5 +41,6 @@ def test_every_config_builds(module):
 def test_every_default_field_is_commented():
   lines = open(os.path.join(REPO, 'configs', 'default.py')).read().splitlines()
   for i, line in enumerate(lines):
-    if re.match(r'\s+(config|data|model|train|sample)\.\w+ = ', line) and 'ConfigDict()' not in line:
+    field = re.match(r'\s+(config|data|model|train|sample)\.\w+ = ', line)
+    if field and 'ConfigDict()' not in line:
       assert '#' in line or lines[i - 1].strip().startswith('#'), f'uncommented field: {line}'

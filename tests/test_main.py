@@ -1,6 +1,7 @@
 """`python -m sagan_jax.main` end to end: 3 steps, outputs, resume, and one-line errors."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,6 +88,7 @@ def test_resume_continues_from_the_newest_checkpoint(trained):
     ('--config.train.batch_size=12', 'batch_size=12 does not divide over 8 devices'),
     ('--config.train.loss=lsgan', "unknown train.loss 'lsgan'"),
     ('--config.data.fashion_mnist_dir=/nonexistent', 'apt-get install dataset-fashion-mnist'),
+    ('--config.model.ch=16', 'model.ch is 8 there and 16 here'),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir_alone(trained, override, message):
   before = listing(trained['workdir'])
@@ -96,3 +98,35 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(trained, override, m
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith('error: ') and message in last_line, result.stderr[-2000:]
   assert listing(trained['workdir']) == before
+
+
+def test_non_finite_parameters_stop_before_a_checkpoint_is_written(trained):
+  before = listing(trained['workdir'])
+  result = run_main(*tiny_flags(trained['data_dir'], trained['workdir'], 7),
+                    '--config.train.g_lr=inf')
+  assert result.returncode == 3, result.stderr[-2000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert 'non-finite loss or parameters at step 6' in last_line
+  assert 'newest checkpoint (step 5)' in last_line
+  assert listing(trained['workdir']) == before
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, fake_fashion_mnist_dir):
+  workdir = str(tmp_path / 'run')
+  flags = tiny_flags(fake_fashion_mnist_dir, workdir, 10_000) + [
+      '--config.checkpoint_every_steps=10000', '--config.sample_every_steps=10000']
+  process = subprocess.Popen([sys.executable, '-m', 'sagan_jax.main', *flags], cwd=REPO,
+                             stderr=subprocess.PIPE, text=True)
+  log = []
+  for line in process.stderr:  # Blocks on the pipe until the run has taken 2 steps.
+    log.append(line)
+    if 'step 2/10000' in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  log.extend(process.stderr)
+  assert process.wait(timeout=120) == 0, ''.join(log)[-3000:]
+  saved = [line for line in log if 'SIGTERM: saved a checkpoint at step' in line]
+  assert saved, ''.join(log)[-3000:]
+  step = int(saved[0].split('at step ')[1].split(';')[0])
+  assert step >= 2
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(step)]
