@@ -101,14 +101,15 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(trained, override, m
 
 
 def test_non_finite_parameters_stop_before_a_checkpoint_is_written(trained):
-  before = listing(trained['workdir'])
+  checkpoints = os.path.join(trained['workdir'], 'checkpoints')
+  before = listing(checkpoints)
   result = run_main(*tiny_flags(trained['data_dir'], trained['workdir'], 7),
                     '--config.train.g_lr=inf')
   assert result.returncode == 3, result.stderr[-2000:]
   last_line = result.stderr.strip().splitlines()[-1]
   assert 'non-finite loss or parameters at step 6' in last_line
   assert 'newest checkpoint (step 5)' in last_line
-  assert listing(trained['workdir']) == before
+  assert listing(checkpoints) == before  # Steps 6 and 7 were never saved.
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, fake_fashion_mnist_dir):
