@@ -1,12 +1,20 @@
-"""Orbax checkpoints of the train state (with the config as JSON) and automatic resume."""
+"""Orbax checkpoints and automatic resume.
+
+Each checkpoint step holds three items: `state` (the whole GANTrainState), `generator` (G's EMA
+and raw parameters and its mutable collections, so evaluation restores G alone) and `config`
+(JSON).
+"""
 
 import json
+import os
 from typing import Any, Optional
 
 from etils import epath
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from sagan_jax import models
 from sagan_jax.errors import ConfigError
 from sagan_jax.train_state import GANTrainState
 
@@ -14,19 +22,27 @@ from sagan_jax.train_state import GANTrainState
 # cannot be resumed.
 SHAPE_FIELDS = ('data.resolution', 'data.channels', 'data.num_classes', 'model.ch', 'model.z_dim',
                 'model.g_attention', 'model.d_attention')
+ITEMS = ('state', 'generator', 'config')
+
+
+def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
+  """WORKDIR/checkpoints as an absolute path (Orbax rejects relative ones); gs:// as it is."""
+  workdir = str(workdir)
+  return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / 'checkpoints'
 
 
 def create_checkpoint_manager(workdir: epath.PathLike, config) -> ocp.CheckpointManager:
   """A manager over WORKDIR/checkpoints keeping the newest `config.keep_checkpoints`."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
-                               item_names=('state', 'config'))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, state: GANTrainState, config) -> None:
-  """Saves state and config at state.step (asynchronously; `manager.wait_until_finished()`)."""
+  """Saves the items at state.step (asynchronously; `manager.wait_until_finished()`)."""
+  generator = {'ema_params': state.ema_g_params, 'params': state.g_params, 'state': state.g_state}
   manager.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())))
+      state=ocp.args.StandardSave(state), generator=ocp.args.StandardSave(generator),
+      config=ocp.args.JsonSave(config.to_dict())))
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
@@ -65,3 +81,31 @@ def check_compatible(manager: ocp.CheckpointManager, config) -> None:
     raise ConfigError(
         f'{manager.directory} holds checkpoints of another model ({"; ".join(differences)}): '
         'pass the same settings to resume, or use a new --workdir')
+
+
+def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema: bool = True):
+  """Restores G alone (no optimizers, no D) and the config it was trained with.
+
+  Args:
+    workdir: a training workdir (local or gs://).
+    step: the checkpoint step; None for the newest.
+    use_ema: the EMA weights (default) or the raw ones.
+  Returns:
+    (config, generator module, params, mutable collections, step).
+  """
+  directory = checkpoint_dir(workdir)
+  steps = []
+  if directory.exists():
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    steps = manager.all_steps()
+  if not steps:
+    raise ConfigError(f'no checkpoint in {directory}: pass the --workdir that training wrote')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ConfigError(f'no checkpoint of step {step} in {directory}: use one of {sorted(steps)}')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      generator=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  config = ml_collections.ConfigDict(restored['config'])
+  generator = restored['generator']
+  params = generator['ema_params'] if use_ema else generator['params']
+  return config, models.create_generator(config), params, generator['state'], step

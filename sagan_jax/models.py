@@ -192,13 +192,21 @@ class Discriminator(nn.Module):
     return out + jnp.sum(embedding * h, axis=-1)
 
 
+def _common_fields(config):
+  m = config.model
+  return dict(resolution=config.data.resolution, ch=m.ch, num_classes=config.data.num_classes,
+              weight_init=m.init, attention_impl=m.attention_impl, dtype=jnp.dtype(m.dtype))
+
+
+def create_generator(config) -> Generator:
+  """Builds G from `config.model` and `config.data` (validated first)."""
+  check_model_config(config.model, config.data.resolution)
+  return Generator(out_channels=config.data.channels, attention=tuple(config.model.g_attention),
+                   bn_momentum=config.model.bn_momentum, **_common_fields(config))
+
+
 def create_models(config) -> Tuple[Generator, Discriminator]:
   """Builds G and D from `config.model` and `config.data` (validated first)."""
-  check_model_config(config.model, config.data.resolution)
-  m = config.model
-  common = dict(resolution=config.data.resolution, ch=m.ch, num_classes=config.data.num_classes,
-                weight_init=m.init, attention_impl=m.attention_impl, dtype=jnp.dtype(m.dtype))
-  generator = Generator(out_channels=config.data.channels, attention=tuple(m.g_attention),
-                        bn_momentum=m.bn_momentum, **common)
-  discriminator = Discriminator(attention=tuple(m.d_attention), **common)
-  return generator, discriminator
+  discriminator = Discriminator(attention=tuple(config.model.d_attention),
+                                **_common_fields(config))
+  return create_generator(config), discriminator

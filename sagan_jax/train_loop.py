@@ -23,9 +23,8 @@ from sagan_jax.errors import TrainingError
 
 
 def _check_config(config, mesh) -> None:
-  """Every check that can fail on user input, run before the workdir is touched."""
+  """The checks of user input that `create_models` does not make; run before the workdir is used."""
   sharding.check_batch_size(config.train.batch_size, mesh)
-  models.check_model_config(config.model, config.data.resolution)
   losses.get_adversarial_loss(config.train.loss)
   input_pipeline.check_source(config.data)
 
@@ -137,8 +136,8 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   """
   workdir = epath.Path(workdir)
   mesh = sharding.create_mesh()
+  generator, discriminator = models.create_models(config)  # Validates config.model.
   _check_config(config, mesh)
-  generator, discriminator = models.create_models(config)
   manager = checkpointing.create_checkpoint_manager(workdir, config)
   checkpointing.check_compatible(manager, config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

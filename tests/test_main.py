@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -23,9 +24,9 @@ def tiny_flags(data_dir, workdir, num_steps):
   ]
 
 
-def run_main(*flags):
+def run_main(*flags, cwd=REPO):
   return subprocess.run([sys.executable, '-m', 'sagan_jax.main', *flags],
-                        cwd=REPO,
+                        cwd=cwd,
                         capture_output=True,
                         text=True,
                         timeout=600,
@@ -42,7 +43,10 @@ def listing(directory):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, fake_fashion_mnist_dir):
   workdir = str(tmp_path_factory.mktemp('run'))
-  first = run_main(*tiny_flags(fake_fashion_mnist_dir, workdir, 3))
+  # The first run gets a relative --workdir (as `make demo` passes) and an absolute config path.
+  flags = tiny_flags(fake_fashion_mnist_dir, os.path.basename(workdir), 3)
+  flags[1] = f'--config={REPO}/configs/fashion_mnist.py'
+  first = run_main(*flags, cwd=os.path.dirname(workdir))
   assert first.returncode == 0, first.stderr[-3000:]
   files_after_first = listing(workdir)
   resumed = run_main(*tiny_flags(fake_fashion_mnist_dir, workdir, 5))
@@ -131,3 +135,37 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, fake_fashion_mnist
   step = int(saved[0].split('at step ')[1].split(';')[0])
   assert step >= 2
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(step)]
+
+
+def run_sample(*flags):
+  return subprocess.run([sys.executable, '-m', 'sagan_jax.sample', *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_sample_cli_restores_the_generator_alone(trained):
+  workdir = trained['workdir']
+  result = run_sample(f'--workdir={workdir}', '--step=4', '--num_per_class=3')
+  assert result.returncode == 0, result.stderr[-3000:]
+  grid = np.asarray(Image.open(os.path.join(workdir, 'generated', 'step_0000004.png')))
+  assert grid.shape == (10 * 32, 3 * 32) and grid.std() > 0
+  samples = np.load(os.path.join(workdir, 'generated', 'step_0000004.npz'))
+  np.testing.assert_array_equal(samples['labels'], np.repeat(np.arange(10), 3))
+  bad = run_sample(f'--workdir={workdir}', '--step=99')
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == (
+      f"error: no checkpoint of step 99 in {workdir}/checkpoints: use one of [3, 4, 5]")
+
+
+def test_load_generator_gives_the_saved_ema_weights(trained):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from sagan_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  config, generator, params, g_state, step = checkpointing.load_generator(trained['workdir'])
+  assert step == 5 and config.model.ch == 8 and generator.resolution == 32
+  manager = ocp.CheckpointManager(os.path.join(trained['workdir'], 'checkpoints'),
+                                  item_names=checkpointing.ITEMS)
+  state = manager.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  saved = jax.tree.leaves(state['ema_g_params'])
+  assert len(saved) == len(jax.tree.leaves(params))
+  for a, b in zip(jax.tree.leaves(params), saved):
+    np.testing.assert_array_equal(a, b)
+  assert set(g_state) == {'spectral', 'batch_stats'}
