@@ -19,7 +19,7 @@ def get_config():
   config.model.g_attention = (16,)
   config.model.d_attention = (16,)
   config.train.batch_size = 32  # Small batches: more steps in the 15-minute budget.
-  config.train.num_steps = 1600  # About 13 minutes on 2 CPU cores (README).
+  config.train.num_steps = 1400  # About 13 minutes on 2 CPU cores (README).
   config.train.g_lr = 2e-4  # Faster than the paper's 1e-4 for the short run; D keeps 4e-4.
   config.train.beta2 = 0.9  # The paper's text.
   config.train.ema_decay = 0.99  # A short average: G still changes fast at the end of the run.
