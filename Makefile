@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= runs/fashion_mnist
 
-.PHONY: setup test demo fashion-mnist lint clean
+.PHONY: setup shellcheck test demo fashion-mnist lint clean
 
 # A venv with the pinned requirements, the test tools and this package (editable).
 $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
@@ -16,7 +16,20 @@ $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) shellcheck
+
+# The launch scripts' tests lint them with shellcheck: Debian's package, installed when missing and
+# apt-get can be used as root. Without it those tests skip and say why.
+shellcheck:
+	@command -v shellcheck >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -q && apt-get install -y -q shellcheck) || \
+	      echo "note: could not install shellcheck; the launch scripts' shellcheck tests will skip"; \
+	  else \
+	    echo "note: shellcheck is missing (as root: apt-get install -y shellcheck);" \
+	      "the launch scripts' shellcheck tests will skip"; \
+	  fi; \
+	}
 
 test: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest
@@ -25,10 +38,15 @@ test: setup
 fashion-mnist:
 	@FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) bash launch/get_fashion_mnist.sh
 
+# The classifier (trained on Fashion-MNIST's test split, once) scores samples during training and
+# at the end: fd_classifier and class_accuracy, in $(DEMO_WORKDIR)/eval/.
 demo: setup fashion-mnist
+	@test -f $(DEMO_WORKDIR)/classifier.npz || $(PY) -m sagan_jax.classifier \
+	  --config=configs/fashion_mnist.py --config.data.fashion_mnist_dir=$(FASHION_MNIST_DIR) \
+	  --out=$(DEMO_WORKDIR)/classifier.npz
 	$(PY) -m sagan_jax.main --config=configs/fashion_mnist.py --workdir=$(DEMO_WORKDIR) \
 	  --config.data.fashion_mnist_dir=$(FASHION_MNIST_DIR)
-	$(PY) -m sagan_jax.classifier --workdir=$(DEMO_WORKDIR) --fashion_mnist_dir=$(FASHION_MNIST_DIR)
+	$(PY) -m sagan_jax.evaluate --workdir=$(DEMO_WORKDIR) --num_samples=10000
 	@echo "Samples: $(DEMO_WORKDIR)/samples/ (one row per class); TensorBoard: tensorboard --logdir=$(DEMO_WORKDIR)"
 
 # flake8 with setup.cfg's settings (tests/test_style.py runs it too).

@@ -13,15 +13,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds parameters, latents and the data order.
 
   config.data = data = ml_collections.ConfigDict()
-  data.name = 'imagenet2012'  # 'imagenet2012' or 'cifar10' (tfds), or 'fashion_mnist' (IDX files).
-  data.split = 'train'  # The tfds split to train on.
+  # 'imagenet2012' or 'cifar10' (prepared tfds sets), 'folder' (data.folder_dir) or 'fashion_mnist'.
+  data.name = 'imagenet2012'
+  data.split = 'train'  # The tfds split, or the subfolder of data.folder_dir when it exists.
   data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # tfds data dir; None: default.
+  # Images in class subfolders (sorted names -> labels): root/class/x.jpg or root/split/class/x.png.
+  data.folder_dir = ml_collections.config_dict.placeholder(str)
   data.fashion_mnist_dir = '/usr/share/datasets/fashion-mnist'  # Where the IDX .gz files lie.
   data.resolution = 128  # Image size in pixels: 32, 64, 128 or 256.
-  data.channels = 3  # Image channels (1 for grayscale data sets).
+  data.channels = 3  # 3 (RGB) or 1 (grayscale); images of other kinds are converted, alpha dropped.
   data.num_classes = 1000  # Number of class labels (conditional BN tables, projection embedding).
-  data.random_flip = True  # Random horizontal flips of the training images.
-  data.shuffle_buffer = 10_000  # Examples in tf.data's shuffle buffer.
+  data.random_flip = True  # Random horizontal flips (seeded by the example's position: replayable).
+  data.shuffle_buffer = 10_000  # tfds sets: encoded records in the shuffle buffer (per epoch seed).
 
   config.model = model = ml_collections.ConfigDict()
   model.ch = 64  # Base width; each resolution's blocks use multiples of it (models.ARCHITECTURES).
@@ -29,14 +32,26 @@ def get_config() -> ml_collections.ConfigDict:
   model.g_attention = (64,)  # G feature-map resolutions followed by self-attention (paper: 64).
   model.d_attention = (64,)  # D feature-map resolutions followed by self-attention (paper: 64).
   model.init = 'xavier'  # 'xavier' (the authors' code) or 'orthogonal' (BigGAN, StudioGAN).
-  model.attention_impl = 'fused'  # 'fused' (jax.nn.dot_product_attention) or 'einsum'.
+  # Attention kernel: 'fused' (jax.nn.dot_product_attention, XLA), 'einsum' (plain softmax),
+  # 'blockwise' (pure-JAX online softmax over key blocks: memory linear in positions, any backend),
+  # 'cudnn' (cuDNN flash attention: GPUs, bfloat16, ch a multiple of 64) or 'auto' (per layer:
+  # cudnn on GPUs in bfloat16, else blockwise when the keys exceed one block, else fused).
+  model.attention_impl = 'fused'
+  model.attention_block_size = 512  # Keys per block of 'blockwise' attention.
   model.bn_momentum = 0.9  # Decay of BN moving statistics (BigGAN-PyTorch's momentum 0.1).
-  model.dtype = 'float32'  # Computation dtype of convolutions, matmuls and attention.
+  # Computation dtype of convolutions, matmuls and attention: 'float32' or 'bfloat16' (mixed
+  # precision: parameters, optimizer states, spectral norm, BN statistics, softmax and losses
+  # stay float32; G's images and D's logits come out float32).
+  model.dtype = 'float32'
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 256  # Global batch (all devices, all processes) per D step and G step.
   train.num_steps = 1_000_000  # G steps (the paper trains 1M iterations).
   train.d_steps = 1  # D steps per G step; each D step reads its own real batch.
+  # Micro-batches per D step and per G step: gradients of batch_size / grad_accum_steps examples
+  # are averaged into one update (batch_size must be a multiple of devices * grad_accum_steps).
+  # BN statistics are per micro-batch (G in both steps); D, without BN, sums exact gradients.
+  train.grad_accum_steps = 1
   train.g_lr = 1e-4  # G's Adam learning rate (TTUR).
   train.d_lr = 4e-4  # D's Adam learning rate (TTUR).
   train.beta1 = 0.0  # Adam beta1 for both networks.
@@ -46,10 +61,17 @@ def get_config() -> ml_collections.ConfigDict:
   train.loss = 'hinge'  # Adversarial loss: 'hinge', 'non_saturating' or 'wasserstein'.
   train.ema_decay = 0.9999  # Decay of the EMA of G's weights.
   train.ema_start_step = 1000  # Before this step the EMA copies G's weights.
+  # A non-finite loss or parameter: 'stop' ends training at that step (the newest checkpoint
+  # stays the last good one); 'skip' keeps the state from before the step, skips its batch, goes
+  # on and counts it (train/nonfinite_skips in the log and TensorBoard).
+  train.on_nonfinite = 'stop'
 
   config.log_every_steps = 100  # Scalars to TensorBoard and the log.
   config.sample_every_steps = 5000  # PNG grids and TensorBoard images of fixed z and labels.
   config.checkpoint_every_steps = 5000  # Orbax checkpoints (resume picks the newest).
+  # Also checkpoint when this many minutes passed since the last save (0: only by steps), so a
+  # preemption that gives no warning loses at most this much time.
+  config.checkpoint_every_minutes = 30.0
   config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
 
   config.sample = sample = ml_collections.ConfigDict()
@@ -57,4 +79,31 @@ def get_config() -> ml_collections.ConfigDict:
   sample.num_columns = 10  # Samples per row (fixed z).
   sample.use_ema = True  # Grids and final samples from the EMA generator (else the raw one).
   sample.final_per_class = 0  # At the end, write this many samples per class to samples.npz.
+
+  # Evaluation (sagan_jax.evaluation): during training every `every_steps`, and by
+  # `python -m sagan_jax.evaluate --workdir=DIR`, whose flags override these fields.
+  config.eval = eval_config = ml_collections.ConfigDict()
+  # FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its converted
+  # .npz (`python -m sagan_jax.inception`). None: $SAGAN_INCEPTION_PATH; no file: no FID/IS/KID.
+  eval_config.inception_path = ml_collections.config_dict.placeholder(str)
+  # Reference statistics of the training images (`python -m sagan_jax.reference_stats`) for FID,
+  # KID and precision/recall. None: those metrics are skipped (IS still runs).
+  eval_config.reference_stats = ml_collections.config_dict.placeholder(str)
+  # A classifier trained on the data (`python -m sagan_jax.classifier`) for fd_classifier and
+  # class_accuracy. None: WORKDIR/classifier.npz when it exists, else those metrics are skipped.
+  eval_config.classifier_path = ml_collections.config_dict.placeholder(str)
+  # Evaluate during training every this many steps (and at the last step); 0: never. Off here:
+  # set it (e.g. 10_000) together with inception_path and reference_stats.
+  eval_config.every_steps = 0
+  # Metrics during training: any of fid, is, kid, precision_recall, fd_classifier,
+  # class_accuracy (KID and precision/recall cost minutes of host time per evaluation).
+  eval_config.metrics = ('fid', 'is', 'fd_classifier', 'class_accuracy')
+  eval_config.num_samples = 10_000  # Samples per evaluation during training (the CLI: 50,000).
+  eval_config.batch_size = 256  # Samples per batch over all devices (padded to the device count).
+  eval_config.use_ema = True  # Evaluate the EMA generator during training (else the raw one).
+  eval_config.truncation = 0.0  # Truncation threshold of z (0: plain N(0, I)).
+  eval_config.standing_stats = 0  # Batches of standing BN statistics before evaluating (0: off).
+  # WORKDIR/best keeps G of the step with the best score: 'fid', 'kid', 'fd_classifier' (lower
+  # is better), 'is', 'precision', 'recall', 'class_accuracy' (higher); '': no best checkpoint.
+  eval_config.best_metric = 'fid'
   return config

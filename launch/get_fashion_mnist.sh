@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Makes sure the Fashion-MNIST IDX files exist, installing Debian's dataset-fashion-mnist if needed.
+#
+#   FASHION_MNIST_DIR=DIR bash launch/get_fashion_mnist.sh [--dry-run]
+#
+# --dry-run prints the apt-get commands it would run instead of running them.
 set -euo pipefail
 
 FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
 FILES=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz
        t10k-labels-idx1-ubyte.gz)
+
+DRY_RUN=0
+case "${1-}" in
+  '') ;;
+  --dry-run) DRY_RUN=1 ;;
+  *) echo "error: unexpected argument '$1': the only option is --dry-run" >&2; exit 2 ;;
+esac
 
 have_files() {
   local f
@@ -23,6 +34,11 @@ if [[ "${FASHION_MNIST_DIR}" == /usr/share/datasets/fashion-mnist ]] && command 
       echo "error: Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root" >&2
       exit 1
     fi
+  fi
+  if (( DRY_RUN )); then
+    echo "${SUDO:+${SUDO} }apt-get update -q"
+    echo "${SUDO:+${SUDO} }apt-get install -y -q dataset-fashion-mnist"
+    exit 0
   fi
   echo "Installing Debian's dataset-fashion-mnist..."
   ${SUDO} apt-get update -q

@@ -1,20 +1,27 @@
-"""Orbax checkpoints and automatic resume.
+"""Orbax checkpoints: what each step holds, resume from the newest good one, G alone for evaluation.
 
-Each checkpoint step holds three items: `state` (the whole GANTrainState), `generator` (G's EMA
-and raw parameters and its mutable collections, so evaluation restores G alone) and `config`
-(JSON).
+Each checkpoint step holds five items, saved together (asynchronously) and finalized atomically by
+Orbax (a save cut off by a kill leaves only a temporary directory, which is never read):
+- `state`: the whole GANTrainState (parameters, mutable collections, optimizers, EMA, rng, step);
+- `generator`: G's EMA and raw parameters and its mutable collections, so evaluation restores G
+  alone;
+- `config`: the config as JSON;
+- `data`: every process's input-pipeline position, for an exact continuation of the data order;
+- `metadata`: step, wall time, elapsed training time and the last logged scores.
 """
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from sagan_jax import models
+from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
 from sagan_jax.train_state import GANTrainState
 
@@ -22,7 +29,10 @@ from sagan_jax.train_state import GANTrainState
 # cannot be resumed.
 SHAPE_FIELDS = ('data.resolution', 'data.channels', 'data.num_classes', 'model.ch', 'model.z_dim',
                 'model.g_attention', 'model.d_attention')
-ITEMS = ('state', 'generator', 'config')
+ITEMS = ('state', 'generator', 'config', 'data', 'metadata')
+# Checkpoints that cannot be read are moved here (never deleted) so that training can save that
+# step again.
+UNREADABLE_DIR = 'unreadable_checkpoints'
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -32,28 +42,76 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
 
 
 def create_checkpoint_manager(workdir: epath.PathLike, config) -> ocp.CheckpointManager:
-  """A manager over WORKDIR/checkpoints keeping the newest `config.keep_checkpoints`."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  """An asynchronous manager over WORKDIR/checkpoints keeping the newest `keep_checkpoints`."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, state: GANTrainState, config) -> None:
-  """Saves the items at state.step (asynchronously; `manager.wait_until_finished()`)."""
+def save(manager: ocp.CheckpointManager, state: GANTrainState, config,
+         data: Optional[Dict[str, Any]] = None, metadata: Optional[Dict[str, Any]] = None) -> None:
+  """Saves all items at state.step; returns once the arrays are copied (writes go on behind).
+
+  Every process must call it. `data` and `metadata` are JSON-serializable dicts.
+  """
   generator = {'ema_params': state.ema_g_params, 'params': state.g_params, 'state': state.g_state}
   manager.save(int(state.step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), generator=ocp.args.StandardSave(generator),
-      config=ocp.args.JsonSave(config.to_dict())))
+      config=ocp.args.JsonSave(config.to_dict()), data=ocp.args.JsonSave(data or {}),
+      metadata=ocp.args.JsonSave(metadata or {})))
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
-                   ) -> Optional[GANTrainState]:
-  """Restores the newest checkpoint into `abstract_state`'s structure and shardings, or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  return restored['state']
+class Restored(NamedTuple):
+  state: GANTrainState
+  data: Dict[str, Any]
+  metadata: Dict[str, Any]
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Moves an unreadable step out of the manager's directory (kept for inspection)."""
+  target = manager.directory.parent / UNREADABLE_DIR / str(step)
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+      target.rmtree()
+    (manager.directory / str(step)).rename(target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+  manager.reload()
+  return target
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState,
+                   config=None) -> Optional[Restored]:
+  """Restores the newest readable checkpoint into `abstract_state`'s structure and shardings.
+
+  A checkpoint whose files cannot be read (damaged, half-copied) is moved to
+  WORKDIR/unreadable_checkpoints/ with a warning and the next older one is tried. With `config`,
+  a checkpoint written with other SHAPE_FIELDS raises ConfigError (nothing is moved). Returns
+  None when the directory holds no checkpoint.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved_config = manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))['config']
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint %d: config unreadable (%s); moved to %s', step,
+                      str(e).splitlines()[0][:200], _set_aside(manager, step))
+      continue
+    if config is not None:
+      check_compatible(saved_config, config, manager.directory)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          metadata=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint %d is unreadable (%s); moved to %s and trying the one before',
+                      step, str(e).splitlines()[0][:200], _set_aside(manager, step))
+      continue
+    return Restored(restored['state'], dict(restored['data'] or {}),
+                    dict(restored['metadata'] or {}))
+  return None
 
 
 def abstract_like(state_fn, sharding) -> GANTrainState:
@@ -68,19 +126,36 @@ def _field(config_dict: Any, dotted: str) -> Any:
   return json.loads(json.dumps(config_dict))  # Tuples and lists compare alike.
 
 
-def check_compatible(manager: ocp.CheckpointManager, config) -> None:
-  """Raises ConfigError when the newest checkpoint was written with other SHAPE_FIELDS."""
-  step = manager.latest_step()
-  if step is None:
-    return
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+def check_compatible(saved_config: Dict[str, Any], config, directory) -> None:
+  """Raises ConfigError when a checkpoint's config differs from `config` in SHAPE_FIELDS."""
   current = config.to_dict()
-  differences = [f'{name} is {_field(saved, name)} there and {_field(current, name)} here'
-                 for name in SHAPE_FIELDS if _field(saved, name) != _field(current, name)]
+  differences = [f'{name} is {_field(saved_config, name)} there and {_field(current, name)} here'
+                 for name in SHAPE_FIELDS
+                 if _field(saved_config, name) != _field(current, name)]
   if differences:
     raise ConfigError(
-        f'{manager.directory} holds checkpoints of another model ({"; ".join(differences)}): '
+        f'{directory} holds checkpoints of another model ({"; ".join(differences)}): '
         'pass the same settings to resume, or use a new --workdir')
+
+
+def open_for_reading(directory: epath.PathLike) -> ocp.CheckpointManager:
+  """A manager for reading a checkpoint directory; it knows every item's handler."""
+  handlers = {'state': ocp.StandardCheckpointHandler(),
+              'generator': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
+              'data': ocp.JsonCheckpointHandler(), 'metadata': ocp.JsonCheckpointHandler()}
+  options = ocp.CheckpointManagerOptions(create=False)
+  return ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers)
+
+
+def local_target(manager: ocp.CheckpointManager, step: int, item: str) -> Any:
+  """The saved arrays of `item` as restore targets replicated over this process's devices.
+
+  Saved shardings name the devices of the run that wrote them (maybe a pod slice); evaluation on
+  another machine restores onto its own devices instead.
+  """
+  replicated = sharding.replicated(sharding.create_mesh(jax.local_devices()))
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                      manager.item_metadata(step)[item])
 
 
 def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema: bool = True):
@@ -96,16 +171,92 @@ def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema:
   directory = checkpoint_dir(workdir)
   steps = []
   if directory.exists():
-    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    manager = open_for_reading(directory)
     steps = manager.all_steps()
   if not steps:
     raise ConfigError(f'no checkpoint in {directory}: pass the --workdir that training wrote')
   step = max(steps) if step is None else step
   if step not in steps:
     raise ConfigError(f'no checkpoint of step {step} in {directory}: use one of {sorted(steps)}')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      generator=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        generator=ocp.args.StandardRestore(local_target(manager, step, 'generator')),
+        config=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except
+    older = sorted(s for s in steps if s != step)
+    raise ConfigError(f'checkpoint {step} in {directory} cannot be read '
+                      f'({str(e).splitlines()[0][:200]}): pass --step with one of {older}') from e
   config = ml_collections.ConfigDict(restored['config'])
   generator = restored['generator']
   params = generator['ema_params'] if use_ema else generator['params']
   return config, models.create_generator(config), params, generator['state'], step
+
+
+# ----------------------------------------------------------------------------------------------
+# The best checkpoint by an evaluation metric (eval.best_metric): WORKDIR/best, one step kept,
+# holding the generator item (as above), the config and metadata {step, metric, value, scores}.
+
+BEST_DIR = 'best'
+BEST_ITEMS = ('generator', 'config', 'metadata')
+
+
+def best_checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
+  """WORKDIR/best as an absolute path (gs:// as it is)."""
+  return checkpoint_dir(workdir).parent / BEST_DIR
+
+
+def create_best_manager(workdir: epath.PathLike) -> ocp.CheckpointManager:
+  """A synchronous manager over WORKDIR/best that keeps one step."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(best_checkpoint_dir(workdir), options=options,
+                               item_names=BEST_ITEMS)
+
+
+def read_best(manager: ocp.CheckpointManager) -> Optional[Dict[str, Any]]:
+  """The metadata of the kept best checkpoint, or None when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  return dict(restored['metadata'] or {})
+
+
+def save_best(manager: ocp.CheckpointManager, state: GANTrainState, config,
+              metadata: Dict[str, Any]) -> None:
+  """Replaces the kept best checkpoint with G of `state` (every process must call it)."""
+  step = int(state.step)
+  for old in manager.all_steps():
+    if old >= step:  # A resumed run's better step can be older; Orbax saves only newer steps.
+      manager.delete(old)
+  generator = {'ema_params': state.ema_g_params, 'params': state.g_params, 'state': state.g_state}
+  manager.save(step, args=ocp.args.Composite(
+      generator=ocp.args.StandardSave(generator), config=ocp.args.JsonSave(config.to_dict()),
+      metadata=ocp.args.JsonSave(metadata)), force=True)
+  manager.wait_until_finished()
+
+
+def load_best_generator(workdir: epath.PathLike, use_ema: bool = True):
+  """Restores G alone from WORKDIR/best.
+
+  Returns:
+    (config, generator module, params, mutable collections, step, metadata) where metadata names
+    the metric and value that made it the best.
+  """
+  directory = best_checkpoint_dir(workdir)
+  steps = []
+  if directory.exists():
+    manager = open_for_reading(directory)
+    steps = manager.all_steps()
+  if not steps:
+    raise ConfigError(f'no best checkpoint in {directory}: train with --config.eval.every_steps '
+                      'and --config.eval.best_metric set, or evaluate without --best')
+  step = max(steps)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      generator=ocp.args.StandardRestore(local_target(manager, step, 'generator')),
+      config=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
+  config = ml_collections.ConfigDict(restored['config'])
+  generator = restored['generator']
+  params = generator['ema_params'] if use_ema else generator['params']
+  return (config, models.create_generator(config), params, generator['state'], step,
+          dict(restored['metadata'] or {}))

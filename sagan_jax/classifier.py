@@ -1,132 +1,302 @@
-"""Scores class-conditional samples with a small classifier trained on Fashion-MNIST's test split.
+"""A small classifier trained on the data set itself: a feature network where Inception is absent.
 
-  python -m sagan_jax.classifier --workdir=runs/fashion_mnist
+  python -m sagan_jax.classifier --config=configs/fashion_mnist.py \
+      --out=runs/fashion_mnist/classifier.npz
 
-reads WORKDIR/samples.npz (written at the end of training when `sample.final_per_class` > 0),
-trains a small CNN on the 10,000 test images (never seen by the GAN), checks it on 10,000 training
-images, and reports the share of samples classified as the class they were generated for. It
-writes WORKDIR/class_accuracy.json. This is not FID: it only asks whether each sample looks like
-its class.
+trains a small CNN on real images of the configured data set, at its resolution and channel count
+(through the training input pipeline), checks its accuracy on held-out real images, computes the
+128-d penultimate features of up to --num_reference_images training images (flips off) and saves
+parameters, metadata and those reference statistics in one .npz. The evaluator
+(`python -m sagan_jax.evaluate --classifier=PATH`, or WORKDIR/classifier.npz) then reports
+`fd_classifier`, the Frechet distance between samples' and training images' features in this
+network (not FID: other features, not comparable with published numbers), and `class_accuracy`,
+the share of class-conditional samples it classifies as the class they were generated for.
+
+Which images it learns from:
+- Fashion-MNIST: the 10,000 test images, which the GAN never sees; held out: 10,000 training
+  images.
+- Other data sets: their training split (`data.split`, the images the GAN learns from, so the
+  classifier is no independent judge there); held out: imagenet2012's validation split,
+  cifar10's test split, none for folders (--heldout_split names one).
+
+On Fashion-MNIST, 10 epochs with dropout 0.3 classify 88.7% of 10,000 held-out training images
+(8 epochs without dropout: 87.1%; random shifts of 1 or 2 pixels lowered it to 86%).
 """
 
+import io
 import json
 import sys
 import time
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
+from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import optax
 
+from sagan_jax import evaluation
+from sagan_jax import metrics
+from sagan_jax import reference_stats
+from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir holding samples.npz.')
-flags.DEFINE_string('fashion_mnist_dir', '/usr/share/datasets/fashion-mnist',
-                    'Folder of the Fashion-MNIST IDX .gz files.')
-flags.DEFINE_integer('epochs', 8, 'Classifier training epochs over the 10,000 test images.')
-flags.DEFINE_integer('seed', 0, 'Classifier seed.')
+FEATURE_DIM = 128
+FINAL_SIZE = 8  # Conv stages halve the images down to 8x8 before the dense layers.
+HELDOUT_SPLITS = {'fashion_mnist': 'train', 'imagenet2012': 'validation', 'cifar10': 'test'}
 
 
-class SmallCNN(nn.Module):
-  """conv32 -> pool -> conv64 -> pool -> dense128 -> 10 logits, for 32x32 grayscale in [-1, 1]."""
-  num_classes: int = 10
+class Classifier(nn.Module):
+  """Conv3x3-ReLU-maxpool stages down to 8x8 -> dense 128 (the features) -> dropout -> logits."""
+  num_classes: int
+  widths: Tuple[int, ...]
+  feature_dim: int = FEATURE_DIM
+  dropout_rate: float = 0.3
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for features in (32, 64):
-      x = nn.max_pool(nn.relu(nn.Conv(features, (3, 3))(x)), (2, 2), strides=(2, 2))
-    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.num_classes)(x)
+  def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+    x = images
+    for width in self.widths:
+      x = nn.relu(nn.Conv(width, (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    features = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
+    hidden = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
+    return {'features': features, 'logits': nn.Dense(self.num_classes)(hidden)}
 
 
-def pad_to_32(images_uint8: np.ndarray) -> np.ndarray:
-  """uint8 [N, 28, 28, 1] -> float32 [N, 32, 32, 1] in [-1, 1], as the demo's input pipeline."""
-  images = np.pad(images_uint8, ((0, 0), (2, 2), (2, 2), (0, 0)))
-  return images.astype(np.float32) / 127.5 - 1.0
+def stage_widths(resolution: int) -> Tuple[int, ...]:
+  """Channels of the conv stages: 32, 64, ... (at most 256), one stage per halving to 8x8."""
+  stages = int(np.log2(resolution // FINAL_SIZE)) if resolution >= FINAL_SIZE else -1
+  if stages < 0 or FINAL_SIZE * 2**stages != resolution:
+    raise ConfigError(f'the classifier needs a power-of-two resolution of at least {FINAL_SIZE}, '
+                      f'not {resolution}: set --config.data.resolution')
+  return tuple(min(32 * 2**i, 256) for i in range(stages))
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int,
-                     batch_size: int = 128) -> Tuple[SmallCNN, Dict]:
-  """Trains SmallCNN with Adam on float images in [-1, 1]; returns the model and its params."""
-  model = SmallCNN()
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + images.shape[1:]))['params']
-  tx = optax.adam(1e-3)
-  opt_state = tx.init(params)
+def create_classifier(data_config) -> Classifier:
+  return Classifier(data_config.num_classes, stage_widths(data_config.resolution))
+
+
+def create_train_step(model: Classifier, tx: optax.GradientTransformation):
+  """A compiled Adam step on a batch with dropout; returns (params, opt_state)."""
 
   @jax.jit
-  def step(params, opt_state, x, y):
+  def step(params, opt_state, images, labels, rng):
     def loss_fn(p):
-      logits = model.apply({'params': p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
+      logits = model.apply({'params': p}, images, train=True, rngs={'dropout': rng})['logits']
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  rng = np.random.default_rng(seed)
-  for _ in range(epochs):
-    order = rng.permutation(len(images))
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-      idx = order[start:start + batch_size]
-      params, opt_state = step(params, opt_state, images[idx], labels[idx])
-  return model, params
+  return step
 
 
-def accuracy(model: SmallCNN, params, images: np.ndarray, labels: np.ndarray) -> float:
-  predict = jax.jit(lambda x: jnp.argmax(model.apply({'params': params}, x), -1))
-  hits = sum(int(np.sum(np.asarray(predict(images[i:i + 1000])) == labels[i:i + 1000]))
-             for i in range(0, len(images), 1000))
-  return hits / len(images)
+def train(model: Classifier, batches, num_steps: int, seed: int, learning_rate: float = 1e-3):
+  """Trains on `num_steps` batches ({'image', 'label'}) with Adam, the rate decaying to 0."""
+  sample = next(batches)
+  # Compiled: op by op, the initialization costs more than the training steps of a small run.
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), sample['image'][:1])['params']
+  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
+  opt_state = tx.init(params)
+  step = create_train_step(model, tx)
+  rng = jax.random.PRNGKey(seed + 1)
+  for index in range(num_steps):
+    batch = sample if index == 0 else next(batches)
+    params, opt_state = step(params, opt_state, batch['image'], batch['label'],
+                             jax.random.fold_in(rng, index))
+  return params
 
 
-def score_samples(workdir: str, fashion_mnist_dir: str, epochs: int, seed: int) -> Dict:
-  """Trains the classifier and scores WORKDIR/samples.npz; returns and writes the figures."""
-  from sagan_jax import input_pipeline  # TensorFlow only here.
-  path = epath.Path(workdir) / 'samples.npz'
-  if not path.exists():
-    raise ConfigError(f'{path} does not exist: train with --config.sample.final_per_class=100 '
-                      '(configs/fashion_mnist.py does) so training writes it at the end')
-  with path.open('rb') as f:
-    samples = np.load(f)
-    sample_images = samples['images'].astype(np.float32) / 127.5 - 1.0
-    sample_labels = samples['labels']
-  test_images, test_labels = input_pipeline.load_fashion_mnist(fashion_mnist_dir, 'test')
-  train_images, train_labels = input_pipeline.load_fashion_mnist(fashion_mnist_dir, 'train')
-  if sample_images.shape[1:] != (32, 32, 1):
-    raise ConfigError(f'samples have shape {sample_images.shape[1:]}, the classifier reads '
-                      '32x32x1 Fashion-MNIST samples')
-  start = time.perf_counter()
-  model, params = train_classifier(pad_to_32(test_images), test_labels, epochs, seed)
-  result = {
-      'classifier_train_split': 'fashion_mnist test (10000 images)',
-      'classifier_accuracy_on_real_train_images': accuracy(
-          model, params, pad_to_32(train_images[:10000]), train_labels[:10000]),
-      'class_accuracy': accuracy(model, params, sample_images, sample_labels),
-      'num_samples': int(len(sample_labels)),
-      'classifier_seconds': round(time.perf_counter() - start, 1),
-  }
-  (epath.Path(workdir) / 'class_accuracy.json').write_text(json.dumps(result, indent=2))
-  return result
+def accuracy(features_fn, batches) -> float:
+  """The share of `batches`' images whose predicted class (of `features_fn`) is their label."""
+  hits = total = 0
+  for batch in batches:
+    logits = features_fn(batch['image'])['classifier']['logits']
+    hits += int(np.sum(np.argmax(logits, axis=-1) == batch['label']))
+    total += len(batch['label'])
+  return hits / max(total, 1)
 
 
-def main(argv):
-  del argv
+# ----------------------------------------------------------------------------------------------
+# The file: parameters, metadata and reference statistics in one .npz.
+
+
+def _flatten(tree, prefix: str = '') -> Dict[str, np.ndarray]:
+  out = {}
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{name}/'))
+    else:
+      out[f'{prefix}{name}'] = np.asarray(value)
+  return out
+
+
+def _unflatten(arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
+  tree = {}
+  for path, value in arrays.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = jnp.asarray(value)
+  return tree
+
+
+def save(path: str, params, metadata: Dict[str, Any], reference: metrics.Reference) -> None:
+  """One .npz: 'params/...' arrays, 'metadata' (JSON) and the 'reference/...' statistics."""
+  arrays = {f'params/{k}': v for k, v in _flatten(jax.device_get(params)).items()}
+  arrays.update({'metadata': np.asarray(json.dumps(metadata, sort_keys=True)),
+                 'reference/mu': reference.mu, 'reference/sigma': reference.sigma,
+                 'reference/features': reference.features,
+                 'reference/info': np.asarray(json.dumps(reference.info, sort_keys=True))})
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def load_feature_net(path: str) -> Tuple[evaluation.FeatureNet, metrics.Reference]:
+  """The classifier of a file written by `save` as a FeatureNet, and its reference statistics."""
+  if not epath.Path(path).exists():
+    raise ConfigError(f'classifier {path} not found: train it with `python -m sagan_jax.'
+                      'classifier --config=<the training config> --out=PATH`')
   try:
-    result = score_samples(FLAGS.workdir, FLAGS.fashion_mnist_dir, FLAGS.epochs, FLAGS.seed)
+    with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as npz:
+      metadata = json.loads(str(npz['metadata']))
+      params = _unflatten({k[len('params/'):]: npz[k] for k in npz.files
+                           if k.startswith('params/')})
+      reference = metrics.Reference(npz['reference/mu'], npz['reference/sigma'],
+                                    npz['reference/features'],
+                                    json.loads(str(npz['reference/info'])))
+    model = Classifier(metadata['num_classes'], tuple(metadata['widths']),
+                       metadata['feature_dim'])
+  except (OSError, ValueError, KeyError, EOFError) as e:
+    raise ConfigError(f'{path} is not a classifier file of `python -m sagan_jax.classifier` '
+                      f'({type(e).__name__}: {e}): train it again') from e
+  apply_fn = lambda variables, images: model.apply(variables, images)
+  description = {'network': 'sagan_jax.classifier (trained on the data set; not Inception)',
+                 'path': str(path), **metadata}
+  return (evaluation.FeatureNet('classifier', apply_fn, {'params': params},
+                                metadata['feature_dim'], description), reference)
+
+
+def check_compatible(net: evaluation.FeatureNet, config, path: str) -> None:
+  """ConfigError unless the classifier reads the generator's resolution, channels and classes."""
+  data = config.data
+  for field in ('resolution', 'channels', 'num_classes'):
+    if net.description[field] != data[field]:
+      raise ConfigError(f'{path} was trained on data.{field}={net.description[field]} but the '
+                        f'generator has data.{field}={data[field]}: train a classifier with the '
+                        'training config (python -m sagan_jax.classifier --config=... --out=...)')
+
+
+# ----------------------------------------------------------------------------------------------
+# Training a classifier file.
+
+
+def default_splits(data_config) -> Tuple[str, Optional[str]]:
+  """(the split to train on, the held-out split) of the module doc."""
+  if data_config.name == 'fashion_mnist':
+    return 'test', 'train'
+  return data_config.split, HELDOUT_SPLITS.get(data_config.name)
+
+
+def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int = 128,
+                           seed: int = 0, num_heldout: int = 10_000,
+                           num_reference_images: int = 50_000,
+                           train_split: Optional[str] = None,
+                           heldout_split: Optional[str] = None) -> Dict[str, Any]:
+  """Trains the classifier on `config`'s data and writes `out`; returns its metadata."""
+  start = time.perf_counter()
+  default_train, default_heldout = default_splits(config.data)
+  train_split = train_split or default_train
+  heldout_split = heldout_split or default_heldout
+  model = create_classifier(config.data)
+  count, batches = reference_stats.real_image_batches(
+      config, None, batch_size, train_split, random_flip=config.data.random_flip, seed=seed)
+  num_steps = max(1, int(epochs * count / batch_size))
+  logging.info('Training the classifier on %d %s/%s images for %d steps', count,
+               config.data.name, train_split, num_steps)
+  params = train(model, batches, num_steps, seed)
+  net = evaluation.FeatureNet('classifier', lambda v, x: model.apply(v, x), {'params': params},
+                              model.feature_dim, {})
+  # One compiled forward for the held-out accuracy and the reference features.
+  features_fn = evaluation.create_features_fn([net], sharding.create_mesh(jax.local_devices()),
+                                              batch_size=500)
+  heldout_accuracy = None
+  if heldout_split:
+    _, heldout = reference_stats.real_image_batches(config, num_heldout, 500, heldout_split)
+    heldout_accuracy = accuracy(features_fn, heldout)
+  num_real, sets = reference_stats.real_features(config, features_fn, num_reference_images, 500)
+  mu, sigma = sets['classifier'].stats.statistics()
+  reference_info = {'data': config.data.name, 'split': config.data.split, 'num_images': num_real,
+                    'resolution': config.data.resolution, 'channels': config.data.channels}
+  metadata = {
+      'num_classes': config.data.num_classes, 'widths': list(model.widths),
+      'feature_dim': model.feature_dim, 'resolution': config.data.resolution,
+      'channels': config.data.channels, 'data': config.data.name, 'train_split': train_split,
+      'train_images': count, 'train_steps': num_steps, 'heldout_split': heldout_split,
+      'heldout_accuracy': heldout_accuracy, 'seed': seed,
+      'seconds': round(time.perf_counter() - start, 1)}
+  save(out, params, metadata, metrics.Reference(mu, sigma, sets['classifier'].stats.kept(),
+                                                reference_info))
+  return metadata
+
+
+def _parse(argv: Sequence[str]) -> flags.FlagValues:
+  """This CLI's flags on their own FlagValues (other CLIs define flags of the same names)."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'The training config (its data section).',
+                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string('out', None, 'Output .npz (local or gs://).', flag_values=fv)
+  flags.DEFINE_float('epochs', 10, 'Passes over the training images.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 128, 'Training batch.', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'Seed of the parameters, data order and augmentation.',
+                       flag_values=fv)
+  flags.DEFINE_integer('num_heldout', 10_000, 'Held-out images for the accuracy.', flag_values=fv)
+  flags.DEFINE_integer('num_reference_images', 50_000, 'Training images whose features are the '
+                       'reference of fd_classifier.', flag_values=fv)
+  flags.DEFINE_string('train_split', None, 'Split to train on (default: module doc).',
+                      flag_values=fv)
+  flags.DEFINE_string('heldout_split', None, 'Held-out split (default: module doc).',
+                      flag_values=fv)
+  if any(arg in ('-h', '--help') for arg in argv[1:]):
+    print(f'{__doc__}\nflags:\n{fv.get_help()}')
+    raise SystemExit(0)
+  try:
+    fv(list(argv))
+  except flags.Error as e:
+    raise ConfigError(f'{e}: see --help') from e
+  except (AttributeError, KeyError) as e:  # A --config.FIELD override of no field.
+    raise ConfigError(f'the config has no field {e}: see configs/default.py') from e
+  if fv.config is None or not fv.out:
+    raise ConfigError('pass --config=configs/<data set>.py and --out=PATH')
+  return fv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = sys.argv if argv is None else argv
+  evaluation.setup_cli_logging()
+  try:
+    fv = _parse(argv)
+    metadata = create_classifier_file(
+        fv.config, fv.out, fv.epochs, fv.batch_size, fv.seed, fv.num_heldout,
+        fv.num_reference_images, fv.train_split, fv.heldout_split)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  real = result['classifier_accuracy_on_real_train_images']
-  print(f'classifier accuracy on real images: {real:.4f}')
-  print(f"class accuracy of {result['num_samples']} generated samples: "
-        f"{result['class_accuracy']:.4f}")
+    return 2
+  heldout = metadata['heldout_accuracy']
+  print(f"wrote {fv.out}: trained on {metadata['train_images']} {metadata['data']}/"
+        f"{metadata['train_split']} images in {metadata['seconds']} s; accuracy on held-out "
+        + (f"{metadata['heldout_split']} images: {heldout:.4f}" if heldout is not None else
+           'images: not measured (no held-out split)'))
+  return 0
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
-  app.run(main)
+  sys.exit(main())

@@ -58,14 +58,53 @@ def d_block_resolutions(resolution: int) -> Tuple[int, ...]:
   return tuple(out)
 
 
+DTYPES = ('float32', 'bfloat16')  # Computation dtypes; parameters and statistics stay float32.
+
+
+def attention_widths(model_config, resolution: int) -> Tuple[int, ...]:
+  """Channels of the feature maps that G's and D's attention layers read."""
+  arch = get_architecture(resolution)
+  g = [m * model_config.ch for m, res in zip(arch.g_widths[1:], g_block_resolutions(resolution))
+       if res in model_config.g_attention]
+  d = [m * model_config.ch for m, res in zip(arch.d_widths, d_block_resolutions(resolution))
+       if res in model_config.d_attention]
+  return tuple(g + d)
+
+
+def _block_size(model_config) -> int:
+  # Configs saved in checkpoints before the field existed lack it.
+  return model_config.get('attention_block_size', layers.DEFAULT_BLOCK_SIZE)
+
+
+def _check_attention_impl(model_config, resolution: int) -> None:
+  impl = model_config.attention_impl
+  if impl not in layers.ATTENTION_CHOICES:
+    raise ConfigError(f"unknown model.attention_impl '{impl}': set --config.model.attention_impl "
+                      f'to one of {sorted(layers.ATTENTION_CHOICES)}')
+  if _block_size(model_config) < 1:
+    raise ConfigError(f'model.attention_block_size={_block_size(model_config)} must be '
+                      'positive: set --config.model.attention_block_size=512')
+  if impl != 'cudnn':
+    return
+  if jax.default_backend() != 'gpu':
+    raise ConfigError(f"model.attention_impl 'cudnn' runs on GPUs only (this backend is "
+                      f"{jax.default_backend()}): set --config.model.attention_impl=blockwise")
+  if model_config.dtype != 'bfloat16':
+    raise ConfigError("model.attention_impl 'cudnn' has no float32 kernel: set "
+                      '--config.model.dtype=bfloat16 or --config.model.attention_impl=blockwise')
+  if any(c % 64 for c in attention_widths(model_config, resolution)):
+    raise ConfigError("model.attention_impl 'cudnn' needs attention head sizes C/8 that are "
+                      'multiples of 8: set --config.model.ch to a multiple of 64 or '
+                      '--config.model.attention_impl=blockwise')
+
+
 def check_model_config(model_config, resolution: int) -> None:
   """Raises ConfigError for settings the networks cannot be built with."""
   get_architecture(resolution)
   layers.create_kernel_init(model_config.init)
-  if model_config.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
-    raise ConfigError(f"unknown model.attention_impl '{model_config.attention_impl}': set "
-                      f'--config.model.attention_impl to one of '
-                      f'{sorted(layers.ATTENTION_IMPLEMENTATIONS)}')
+  if model_config.dtype not in DTYPES:
+    raise ConfigError(f"unknown model.dtype '{model_config.dtype}': set --config.model.dtype to "
+                      f"one of {list(DTYPES)}")
   for net, field, valid in (('G', 'g_attention', g_block_resolutions(resolution)),
                             ('D', 'd_attention', d_block_resolutions(resolution))):
     for res in getattr(model_config, field):
@@ -75,6 +114,7 @@ def check_model_config(model_config, resolution: int) -> None:
             f'to resolutions among {sorted(set(r for r in valid if r >= 2))} (or an empty tuple)')
   if model_config.ch % 8:
     raise ConfigError(f'model.ch={model_config.ch} must be a multiple of 8 (attention uses C/8)')
+  _check_attention_impl(model_config, resolution)
 
 
 class GBlock(nn.Module):
@@ -138,6 +178,7 @@ class Generator(nn.Module):
   attention: Sequence[int] = (64,)
   weight_init: str = 'xavier'
   attention_impl: str = 'fused'
+  attention_block_size: int = layers.DEFAULT_BLOCK_SIZE
   bn_momentum: float = 0.9
   dtype: jnp.dtype = jnp.float32
 
@@ -154,7 +195,7 @@ class Generator(nn.Module):
                  name=f'block{i}')(h, labels, train)
       if res in self.attention:
         h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
-                                 name=f'attention{res}')(h, train)
+                                 self.attention_block_size, name=f'attention{res}')(h, train)
     h = layers.ConditionalBatchNorm(None, self.bn_momentum, name='bn_out')(
         h, None, use_running_average=not train)
     h = layers.SNConv(self.out_channels, (3, 3), kernel_init=kernel_init, dtype=self.dtype,
@@ -170,6 +211,7 @@ class Discriminator(nn.Module):
   attention: Sequence[int] = (64,)
   weight_init: str = 'xavier'
   attention_impl: str = 'fused'
+  attention_block_size: int = layers.DEFAULT_BLOCK_SIZE
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -184,7 +226,7 @@ class Discriminator(nn.Module):
           h, update_sn)
       if res in self.attention:
         h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
-                                 name=f'attention{res}')(h, update_sn)
+                                 self.attention_block_size, name=f'attention{res}')(h, update_sn)
     h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
     out = layers.SNDense(1, kernel_init=kernel_init, name='linear')(h, update_sn)[:, 0]
     embedding = layers.SNEmbed(self.num_classes, h.shape[-1], kernel_init, name='embed')(
@@ -195,7 +237,8 @@ class Discriminator(nn.Module):
 def _common_fields(config):
   m = config.model
   return dict(resolution=config.data.resolution, ch=m.ch, num_classes=config.data.num_classes,
-              weight_init=m.init, attention_impl=m.attention_impl, dtype=jnp.dtype(m.dtype))
+              weight_init=m.init, attention_impl=m.attention_impl,
+              attention_block_size=_block_size(m), dtype=jnp.dtype(m.dtype))
 
 
 def create_generator(config) -> Generator:

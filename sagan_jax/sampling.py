@@ -54,12 +54,34 @@ def save_png(path: epath.PathLike, image: np.ndarray) -> None:
   epath.Path(path).write_bytes(buffer.getvalue())
 
 
+def latents(rng: jax.Array, n: int, z_dim: int, truncation: float = 0.0) -> jax.Array:
+  """z ~ N(0, I); with `truncation` > 0, N(0, I) truncated to [-truncation, truncation].
+
+  The truncation trick (BigGAN): values outside the threshold are redrawn, trading variety for
+  fidelity as the threshold shrinks.
+  """
+  if truncation and truncation > 0:
+    return jax.random.truncated_normal(rng, -truncation, truncation, (n, z_dim), jnp.float32)
+  return jax.random.normal(rng, (n, z_dim), jnp.float32)
+
+
+def interpolate(start: np.ndarray, end: np.ndarray, steps: int) -> np.ndarray:
+  """`steps` points on the straight line from `start` to `end` (both included), stacked first."""
+  t = np.linspace(0.0, 1.0, steps, dtype=np.float32).reshape((steps,) + (1,) * np.ndim(start))
+  return (1.0 - t) * np.asarray(start, np.float32) + t * np.asarray(end, np.float32)
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Integer labels -> float one-hot rows; mixtures of them condition G on blends of classes."""
+  return np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
+
+
 def generate(sample_fn, g_params, g_state, z_dim: int, labels: np.ndarray, rng: jax.Array,
-             batch_size: int = 500) -> np.ndarray:
-  """Generates uint8 images for `labels`, batch by batch."""
+             batch_size: int = 500, truncation: float = 0.0) -> np.ndarray:
+  """Generates uint8 images for `labels`, batch by batch (z truncated when `truncation` > 0)."""
   out = []
   for start in range(0, len(labels), batch_size):
     y = jnp.asarray(labels[start:start + batch_size])
-    z = jax.random.normal(jax.random.fold_in(rng, start), (len(y), z_dim))
+    z = latents(jax.random.fold_in(rng, start), len(y), z_dim, truncation)
     out.append(to_uint8(sample_fn(g_params, g_state, z, y)))
   return np.concatenate(out)

@@ -34,13 +34,25 @@ def step_batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, DATA_AXIS))
 
 
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-  """Raises ConfigError unless the global batch divides over processes and devices."""
+def check_batch_size(global_batch: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+  """Raises ConfigError unless the global batch divides over processes, devices and micro-batches.
+
+  With gradient accumulation every device splits its share into `grad_accum_steps` micro-batches.
+  """
   devices, processes = mesh.devices.size, jax.process_count()
+  if grad_accum_steps < 1:
+    raise ConfigError(f'train.grad_accum_steps={grad_accum_steps} must be at least 1: set '
+                      '--config.train.grad_accum_steps=1')
   if global_batch % devices or global_batch % processes:
     raise ConfigError(
         f'train.batch_size={global_batch} does not divide over {devices} devices in {processes} '
         f'process(es): set --config.train.batch_size to a multiple of {devices}')
+  if global_batch % (devices * grad_accum_steps):
+    raise ConfigError(
+        f'train.batch_size={global_batch} does not split into {grad_accum_steps} micro-batches '
+        f'on each of {devices} devices: set --config.train.batch_size to a multiple of '
+        f'{devices * grad_accum_steps} or --config.train.grad_accum_steps to a divisor of '
+        f'{global_batch // devices}')
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> Any:

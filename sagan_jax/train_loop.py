@@ -10,21 +10,25 @@ from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from sagan_jax import checkpointing
+from sagan_jax import evaluation
 from sagan_jax import input_pipeline
 from sagan_jax import losses
 from sagan_jax import models
 from sagan_jax import sampling
 from sagan_jax import sharding
 from sagan_jax import train
+from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
 
 
 def _check_config(config, mesh) -> None:
   """The checks of user input that `create_models` does not make; run before the workdir is used."""
-  sharding.check_batch_size(config.train.batch_size, mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh, config.train.grad_accum_steps)
+  train.check_on_nonfinite(config.train.on_nonfinite)
   losses.get_adversarial_loss(config.train.loss)
   input_pipeline.check_source(config.data)
 
@@ -42,11 +46,11 @@ class _ProgressLogger:
     self.writer, self.num_steps = writer, num_steps
     self.last_step, self.last_time = first_step, time.perf_counter()
 
-  def __call__(self, step: int, metrics: Dict[str, Any]) -> None:
+  def __call__(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
     now = time.perf_counter()
     steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'train/all_finite'}
     scalars['train/steps_per_sec'] = steps_per_sec
     self.writer.write_scalars(step, scalars)
     eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
@@ -54,6 +58,7 @@ class _ProgressLogger:
                            if 'loss' in k)
     logging.info('step %d/%d  %.2f steps/s  ETA %s  %s', step, self.num_steps, steps_per_sec,
                  _format_eta(eta), losses_text)
+    return scalars
 
 
 def _write_grid(workdir: epath.Path, writer, step: int, *, sample_fn: Callable[..., Any], state,
@@ -82,13 +87,21 @@ def _write_final_samples(workdir: epath.Path, config, sample_fn, state) -> None:
 
 
 class _PreemptionWatcher:
-  """Turns SIGTERM (sent by TPU VMs, GCE and SLURM before preemption) into a flag the loop reads."""
+  """Tells the loop when to save and stop because the machine is being taken away.
+
+  A single process turns SIGTERM (sent by TPU VMs, GCE and SLURM before preemption) into a flag.
+  Several processes use JAX's preemption sync point instead: the coordination service catches
+  the signal on any host and all processes agree on the step at which they save together.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multi:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: leave signals alone.
@@ -99,55 +112,163 @@ class _PreemptionWatcher:
     del signum, frame
     self.requested = True
 
+  def check(self, step: int) -> bool:
+    """True once a preemption notice has reached every process (call it at every step)."""
+    if self._multi and not self.requested:
+      try:
+        self.requested = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # The preemption service is off: only explicit stops apply.
+        self._multi = False
+    return self.requested
+
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(step: int, metrics, manager) -> None:
-  """Stops training at the first non-finite loss or parameter, before it reaches a checkpoint."""
-  if not bool(metrics['train/all_finite']):
+class _SaveClock:
+  """Checkpoints every `checkpoint_every_steps` steps and every `checkpoint_every_minutes`.
+
+  With several processes, process 0's clock decides (all must save at the same step); it is read
+  every `log_every_steps` steps, so the processes meet there and nowhere else.
+  """
+
+  def __init__(self, config):
+    self.every_steps = config.checkpoint_every_steps
+    self.every_seconds = 60.0 * config.checkpoint_every_minutes
+    self.check_every = config.log_every_steps if jax.process_count() > 1 else 1
+    self.last_save = time.monotonic()
+
+  def saved(self) -> None:
+    self.last_save = time.monotonic()
+
+  def due(self, step: int) -> bool:
+    if self.every_steps and step % self.every_steps == 0:
+      return True
+    if not self.every_seconds or step % self.check_every:
+      return False
+    late = time.monotonic() - self.last_save >= self.every_seconds
+    if jax.process_count() > 1:
+      late = bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+    return late
+
+
+class _NonFiniteGuard:
+  """Acts on the step's `train/all_finite` flag as `train.on_nonfinite` says.
+
+  'stop': raises TrainingError naming the step, before the state can reach a checkpoint. 'skip':
+  the step already kept the state from before it (train.create_train_step); this logs it and
+  counts the skipped batches (saved in the checkpoints' metadata).
+  """
+
+  def __init__(self, action: str, skips: int = 0):
+    self.action, self.skips, self._checked = action, skips, -1
+
+  def check(self, step: int, metrics, manager) -> None:
+    if step == self._checked or bool(metrics['train/all_finite']):
+      return
+    self._checked = step
+    if self.action == 'skip':
+      self.skips += 1
+      logging.warning('Non-finite loss or parameters at step %d: kept the state from before the '
+                      'step and skipped its batch (%d skipped so far).', step, self.skips)
+      return
+    manager.wait_until_finished()
     newest = manager.latest_step()
     raise TrainingError(
         f'non-finite loss or parameters at step {step}; the newest checkpoint '
         f'(step {newest}) is the last good one and stays the newest: lower the learning rates '
-        f'(--config.train.g_lr / d_lr) or check the data, then run again to resume from it')
+        f'(--config.train.g_lr / d_lr) or check the data, then run again to resume from it '
+        "(or set --config.train.on_nonfinite=skip to skip such batches)")
 
 
-def _restore_or_create(config, manager, generator, discriminator, mesh) -> train.GANTrainState:
-  """Resume order: the newest checkpoint in WORKDIR, else a fresh state from config.seed."""
+def _check_workdir(workdir: epath.Path) -> None:
+  """ConfigError unless WORKDIR can be created and written (before anything else happens)."""
+  probe = workdir / f'.write_test.{jax.process_index()}'
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f'cannot write to --workdir={workdir} ({e.strerror or e}): pass a workdir '
+                      'you can write to, with free space') from e
+
+
+def _save(manager, state, config, data, metadata) -> None:
+  """checkpointing.save, turning a failed write into a TrainingError (training must not go on)."""
+  try:
+    manager.check_for_errors()  # An earlier asynchronous write that failed.
+    checkpointing.save(manager, state, config, data, metadata)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TrainingError(
+        f'could not write the checkpoint of step {int(state.step)} to {manager.directory} '
+        f'({str(e).splitlines()[0][:300]}); the newest complete checkpoint is step '
+        f'{manager.latest_step()}: free space or fix the permissions, then run again') from e
+
+
+def _data_position(config, restored, first_step: int):
+  """This process's input position from the checkpoint, or None to start the stream afresh."""
+  if restored is None:
+    return None
+  data = restored.data
+  positions = data.get('positions')
+  if positions is not None and data.get('process_count') == jax.process_count():
+    return positions[jax.process_index()]
+  logging.warning('The checkpoint of step %d holds no input position for %d process(es): the '
+                  'data stream restarts from a new seed (parameters and RNG still resume '
+                  'exactly).', first_step, jax.process_count())
+  return None
+
+
+def _gather_positions(position) -> Dict[str, Any]:
+  """Every process's input position, in process order (the checkpoint's `data` item)."""
+  positions = [position]
+  if jax.process_count() > 1:
+    positions = multihost_utils.process_allgather(np.asarray([position], np.int64))
+    positions = [int(p) for p in np.asarray(positions).reshape(-1)]
+  return {'process_count': jax.process_count(), 'positions': positions}
+
+
+def _restore_or_create(config, manager, generator, discriminator, mesh):
+  """Resume order: the newest readable checkpoint in WORKDIR, else a fresh state from config.seed.
+
+  Returns (state, restored or None).
+  """
   rng = jax.random.PRNGKey(config.seed)
 
   def init_fn():
     return train.create_train_state(config, generator, discriminator, rng)
 
   abstract = checkpointing.abstract_like(init_fn, sharding.replicated(mesh))
-  state = checkpointing.restore_latest(manager, abstract)
-  if state is None:
-    state = train.create_sharded_train_state(config, generator, discriminator, rng, mesh)
-  return state
+  restored = checkpointing.restore_latest(manager, abstract, config)
+  if restored is None:
+    return train.create_sharded_train_state(config, generator, discriminator, rng, mesh), None
+  return restored.state, restored
 
 
 def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   """Trains SAGAN from `config`, resuming from WORKDIR's newest checkpoint; returns the state.
 
-  SIGTERM saves a checkpoint at the current step and returns. A non-finite loss or parameter
-  raises TrainingError without saving.
+  The continuation of a resumed run is exact: parameters, optimizers, RNG and the input stream's
+  position come from the checkpoint. SIGTERM saves a checkpoint at the current step and returns.
+  A non-finite loss or parameter raises TrainingError without saving.
   """
   workdir = epath.Path(workdir)
   mesh = sharding.create_mesh()
   generator, discriminator = models.create_models(config)  # Validates config.model.
   _check_config(config, mesh)
+  _check_workdir(workdir)
   manager = checkpointing.create_checkpoint_manager(workdir, config)
-  checkpointing.check_compatible(manager, config)
+  state, restored = _restore_or_create(config, manager, generator, discriminator, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  state = _restore_or_create(config, manager, generator, discriminator, mesh)
   first_step = int(state.step)
   logging.info('Starting at step %d of %d (%d devices, %d processes) in %s', first_step,
                config.train.num_steps, mesh.devices.size, jax.process_count(), workdir)
 
-  # A resumed run reads a stream seeded by its first step (exact data order: checkpoint issue).
-  train_iter = input_pipeline.create_train_iterator(config, seed=config.seed + first_step)
+  position = _data_position(config, restored, first_step)
+  train_iter = input_pipeline.create_train_iterator(
+      config, seed=config.seed if position is not None or not first_step else
+      config.seed + first_step, position=position)
   train_step = train.compile_train_step(
       train.create_train_step(config, generator, discriminator, mesh), mesh)
   sample_fn = sampling.create_sample_fn(generator)
@@ -159,29 +280,95 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   progress = _ProgressLogger(writer, first_step, config.train.num_steps)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                                     writer=writer)
-  num_steps, previous_metrics = config.train.num_steps, None
+  clock = _SaveClock(config)
+  # Evaluation during training (eval.every_steps; None when off): see the helpers at the end.
+  evaluate_fn = _create_periodic_evaluation(config, workdir, generator, mesh, writer)
+  eval_scores: Dict[str, float] = {}  # The newest evaluation's scores.
+  saved_metadata = restored.metadata if restored else {}
+  elapsed = float(saved_metadata.get('elapsed_seconds', 0.0))
+  guard = _NonFiniteGuard(config.train.on_nonfinite, int(saved_metadata.get('nonfinite_skips', 0)))
+  start_time = time.monotonic()
+  num_steps, previous_metrics, last_scalars = config.train.num_steps, None, {}
   with _PreemptionWatcher() as preemption:
     for step in range(first_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding.make_global_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
       if previous_metrics is not None:  # Checked one step late: the host never waits here.
-        _check_finite(step - 1, previous_metrics, manager)
+        guard.check(step - 1, previous_metrics, manager)
       previous_metrics = metrics
       report_progress(step)
       last = step == num_steps
       if step % config.log_every_steps == 0 or last:
-        progress(step, metrics)
+        last_scalars = progress(step, {**metrics, 'train/nonfinite_skips': guard.skips}
+                                if guard.action == 'skip' else metrics)
       if step % config.sample_every_steps == 0 or last:
         write_grid(step, state=state)
-      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
-        _check_finite(step, metrics, manager)
-        checkpointing.save(manager, state, config)
-      if preemption.requested:
+      if evaluate_fn is not None and (step % config.eval.every_steps == 0 or last):
+        eval_scores = evaluate_fn(step, state)
+      stop = preemption.check(step)
+      if clock.due(step) or last or stop:
+        guard.check(step, metrics, manager)
+        metadata = {'step': step, 'wall_time': time.time(),
+                    'elapsed_seconds': elapsed + time.monotonic() - start_time,
+                    'scalars': last_scalars, 'eval': eval_scores, 'nonfinite_skips': guard.skips}
+        _save(manager, state, config, _gather_positions(train_iter.position), metadata)
+        clock.saved()
+      if stop:
         logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
         break
-    manager.wait_until_finished()
+    try:
+      manager.wait_until_finished()
+      manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise TrainingError(f'the last checkpoint could not be written to {manager.directory} '
+                          f'({str(e).splitlines()[0][:300]}); the newest complete one is step '
+                          f'{manager.latest_step()}: free space or fix the permissions') from e
   if config.sample.final_per_class and not preemption.requested:
     _write_final_samples(workdir, config, sample_fn, state)
   writer.flush()
   return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training (eval.every_steps): scores to the log and TensorBoard (eval/...),
+# and WORKDIR/best kept by eval.best_metric.
+
+
+def _create_periodic_evaluation(config, workdir: epath.Path, generator, mesh, writer):
+  """`evaluate_fn(step, state) -> scores`, or None when eval.every_steps is 0 or nothing can run.
+
+  Built before the first step, so bad evaluation settings stop training before it starts.
+  """
+  eval_config = config.eval
+  if not eval_config.every_steps:
+    return None
+  evaluator = evaluation.create_evaluator(config, generator, mesh,
+                                          evaluation.settings_from_config(config), workdir)
+  if not evaluator.enabled:
+    logging.warning('eval.every_steps=%d but no metric can run (%s): no evaluation during '
+                    'training', eval_config.every_steps, '; '.join(
+                        f'{k}: {v}' for k, v in evaluator.skipped.items()))
+    return None
+  best = None
+  if eval_config.best_metric:
+    evaluation.check_best_metric(eval_config.best_metric)
+    metric = evaluation.SCORE_METRIC.get(eval_config.best_metric, eval_config.best_metric)
+    if metric in evaluator.metric_names:
+      best = evaluation.BestCheckpoint(workdir, eval_config.best_metric)
+    else:
+      logging.warning('eval.best_metric=%s is not evaluated (%s): no best checkpoint is kept',
+                      eval_config.best_metric, evaluator.skipped.get(metric, 'not in eval.metrics'))
+  return functools.partial(_evaluate, config, evaluator, best, writer)
+
+
+def _evaluate(config, evaluator, best, writer, step: int, state) -> Dict[str, float]:
+  g_params = state.ema_g_params if config.eval.use_ema else state.g_params
+  start = time.perf_counter()
+  scores = evaluator(g_params, state.g_state)
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
+  logging.info('eval at step %d (%d samples, %.1f s): %s', step, config.eval.num_samples,
+               time.perf_counter() - start, evaluation.format_scores(scores))
+  if best is not None:
+    best.update(state, config, scores)
+  return scores

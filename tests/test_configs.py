@@ -9,6 +9,7 @@ from configs import cifar10
 from configs import default
 from configs import fashion_mnist
 from configs import imagenet
+from configs import imagenet256
 from sagan_jax import losses
 from sagan_jax import models
 
@@ -30,12 +31,21 @@ def test_imagenet_config_takes_the_attention_placement():
   assert config.model.g_attention == (32,) and config.model.d_attention == (32,)
 
 
-@pytest.mark.parametrize('module', [default, imagenet, cifar10, fashion_mnist])
+@pytest.mark.parametrize('module', [default, imagenet, imagenet256, cifar10, fashion_mnist])
 def test_every_config_builds(module):
   config = module.get_config()
   models.check_model_config(config.model, config.data.resolution)
   losses.get_adversarial_loss(config.train.loss)
   assert config.train.batch_size % 8 == 0
+
+
+def test_imagenet256_has_attention_at_64_and_128_with_memory_efficient_kernels():
+  config = imagenet256.get_config()
+  assert config.data.resolution == 256
+  assert config.model.g_attention == (64, 128) and config.model.d_attention == (64, 128)
+  assert config.model.attention_impl in ('auto', 'blockwise')
+  # 64 ch at D's 128x128 map: cuDNN's head size C/8 = 8 is a multiple of 8 (ch % 64 == 0).
+  assert set(models.attention_widths(config.model, 256)) == {256, 128, 64}
 
 
 def test_every_default_field_is_commented():

@@ -1,5 +1,7 @@
 """Spectral norm, self-attention and conditional batch norm against numpy references."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -152,3 +154,85 @@ def test_conditional_batch_norm_picks_per_class_parameters():
   running = (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5)
   np.testing.assert_allclose(out_eval, running * gamma[labels][:, None, None] +
                              beta[labels][:, None, None], atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def attention_operands():
+  """theta [2, 40, 4], phi [2, 10, 4], g [2, 10, 16], an output weighting, einsum's results."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  theta = jax.random.normal(keys[0], (2, 40, 4))
+  phi = jax.random.normal(keys[1], (2, 10, 4))
+  g = jax.random.normal(keys[2], (2, 10, 16))
+  weights = jax.random.normal(keys[3], (2, 40, 16))
+  out, grads = _weighted_value_and_grads(layers.attention_einsum, weights, theta, phi, g)
+  return theta, phi, g, weights, out, grads
+
+
+def _weighted_value_and_grads(attention, weights, *operands):
+  """attention(*operands) and the gradients of sum(weights * attention(...)), in one jit."""
+  def loss(*args):
+    out = attention(*args)
+    return jnp.sum(weights * out), out
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(*operands)[::-1]
+
+
+@pytest.mark.parametrize('block_size', [3, 5, 512])
+def test_blockwise_attention_equals_einsum(attention_operands, block_size):
+  """10 keys: blocks of 3 leave a padded last block, 5 gives two full ones, 512 one of 10."""
+  theta, phi, g, weights, expected_out, expected_grads = attention_operands
+  out, grads = _weighted_value_and_grads(
+      lambda *args: layers.attention_blockwise(*args, block_size=block_size), weights, theta, phi,
+      g)
+  np.testing.assert_allclose(out, expected_out, atol=1e-5, rtol=1e-5)
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_attention_keeps_bfloat16_and_float32_statistics(attention_operands):
+  theta, phi, g = attention_operands[:3]
+  bf16 = [x.astype(jnp.bfloat16) for x in (theta, phi, g)]
+  out = layers.attention_blockwise(*bf16, block_size=4)
+  assert out.dtype == jnp.bfloat16
+  # Both round the same bf16 inputs; softmax and sums in float32: they differ by bf16 roundings.
+  reference = layers.attention_einsum(*[x.astype(jnp.float32) for x in bf16])
+  np.testing.assert_allclose(out.astype(jnp.float32), reference, atol=2e-2, rtol=2e-2)
+
+
+def test_auto_attention_picks_blockwise_for_many_keys_off_gpu():
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_attention_impl('auto', 4096, 16, jnp.bfloat16, 512) == 'blockwise'
+  assert layers.resolve_attention_impl('auto', 256, 16, jnp.float32, 512) == 'fused'
+  assert layers.resolve_attention_impl('einsum', 4096, 16, jnp.float32, 512) == 'einsum'
+
+
+def test_blockwise_self_attention_matches_numpy_authors_block(attention_case):
+  """48 queries and 12 keys in blocks of 5: the last block is padded."""
+  x, variables = attention_case
+  out = layers.SelfAttention(implementation='blockwise', block_size=5).apply(
+      variables, x, update_sn=False)
+  expected = np_authors_attention(np.asarray(x), variables['params'], variables['spectral'])
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_conv_keeps_float32_parameters_power_iteration_and_bias_gradient():
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 4))
+  conv32, conv16 = layers.SNConv(8, (3, 3)), layers.SNConv(8, (3, 3), dtype=jnp.bfloat16)
+  variables = conv32.init(jax.random.PRNGKey(0), x, update_sn=True)
+  train = lambda conv: jax.jit(
+      functools.partial(conv.apply, update_sn=True, mutable=['spectral']))(variables, x)
+  (y16, state16), (_, state32) = train(conv16), train(conv32)
+  assert y16.dtype == jnp.bfloat16 and state16['spectral']['u'].dtype == jnp.float32
+  # The power iteration reads only the float32 kernel: the same u in both precisions.
+  np.testing.assert_array_equal(state16['spectral']['u'], state32['spectral']['u'])
+
+  def bias_grad(conv):
+    def loss(params):
+      y = conv.apply({'params': params, 'spectral': variables['spectral']}, x, update_sn=False)
+      return jnp.sum(y.astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss))(variables['params'])['bias']
+
+  # The bias gradient sums 2048 output gradients per channel: accumulated in float32 it keeps
+  # bf16's per-element precision (~0.4%); a bfloat16 sum would be off by far more.
+  g16, g32 = bias_grad(conv16), bias_grad(conv32)
+  assert g16.dtype == jnp.float32
+  np.testing.assert_allclose(g16, g32, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(g32))))

@@ -32,15 +32,23 @@ def test_shapes_and_ranges_at_every_resolution(resolution, attention):
   generator, discriminator = models.create_models(config)
   z = jax.random.normal(jax.random.PRNGKey(0), (2, 128))
   labels = jnp.array([0, 4])
-  g_vars = generator.init(jax.random.PRNGKey(1), z, labels, train=True)
-  images = generator.apply(g_vars, z, labels, train=False)
+  if resolution > 32:  # Shapes only: running these op by op costs minutes on 2 cores.
+    g_vars = jax.eval_shape(lambda: generator.init(jax.random.PRNGKey(1), z, labels, train=True))
+    images = jax.eval_shape(lambda v: generator.apply(v, z, labels, train=False), g_vars)
+    d_vars = jax.eval_shape(
+        lambda x: discriminator.init(jax.random.PRNGKey(2), x, labels, update_sn=True), images)
+    logits = jax.eval_shape(
+        lambda v, x: discriminator.apply(v, x, labels, update_sn=False), d_vars, images)
+  else:
+    g_vars = generator.init(jax.random.PRNGKey(1), z, labels, train=True)
+    images = generator.apply(g_vars, z, labels, train=False)
+    assert float(jnp.min(images)) >= -1.0 and float(jnp.max(images)) <= 1.0
+    assert float(jnp.std(images)) > 0.0
+    d_vars = discriminator.init(jax.random.PRNGKey(2), images, labels, update_sn=True)
+    logits = discriminator.apply(d_vars, images, labels, update_sn=False)
+    assert np.all(np.isfinite(logits))
   assert images.shape == (2, resolution, resolution, 3)
-  assert float(jnp.min(images)) >= -1.0 and float(jnp.max(images)) <= 1.0
-  assert float(jnp.std(images)) > 0.0
-  d_vars = discriminator.init(jax.random.PRNGKey(2), images, labels, update_sn=True)
-  logits = discriminator.apply(d_vars, images, labels, update_sn=False)
   assert logits.shape == (2,) and logits.dtype == jnp.float32
-  assert np.all(np.isfinite(logits))
   assert f'attention{attention}' in g_vars['params']
   assert f'attention{attention}' in d_vars['params']
 
@@ -108,6 +116,8 @@ def test_parameter_counts_at_128px_ch64():
     ('d_attention', (2,), 'D has no 2x2 feature map at 64 px'),
     ('init', 'he', "unknown model.init 'he'"),
     ('attention_impl', 'flash', "unknown model.attention_impl 'flash'"),
+    ('dtype', 'float16', "unknown model.dtype 'float16'"),
+    ('attention_block_size', 0, 'model.attention_block_size=0 must be positive'),
 ])
 def test_bad_model_settings_name_the_fix(field, value, message):
   config = small_config(64)
@@ -118,3 +128,48 @@ def test_bad_model_settings_name_the_fix(field, value, message):
   with pytest.raises(ConfigError, match=message) as error:
     models.create_models(config)
   assert '--config.' in str(error.value)
+
+
+def test_cudnn_attention_off_gpu_names_blockwise():
+  assert jax.default_backend() == 'cpu'
+  config = small_config(64, (32,), ())
+  config.model.attention_impl = 'cudnn'
+  with pytest.raises(ConfigError, match="runs on GPUs only.*attention_impl=blockwise"):
+    models.create_models(config)
+
+
+def _primitive_dtypes(jaxpr, name: str):
+  """Operand dtypes of every `name` equation in a jaxpr and its sub-jaxprs (jit, scan, vjp)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          found += _primitive_dtypes(inner, name)
+  return found
+
+
+def test_bfloat16_model_computes_in_bfloat16_and_returns_float32():
+  """Every convolution of G and D runs on bf16 operands; images and logits come out float32."""
+  config = small_config(32, (16,), (16,))
+  config.model.dtype = 'bfloat16'
+  config.model.attention_impl = 'blockwise'
+  generator, discriminator = models.create_models(config)
+  z = jax.ShapeDtypeStruct((2, 128), jnp.float32)
+  labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  g_vars = jax.eval_shape(lambda z, y: generator.init(jax.random.PRNGKey(0), z, y, train=True),
+                          z, labels)
+  d_vars = jax.eval_shape(
+      lambda x, y: discriminator.init(jax.random.PRNGKey(0), x, y, update_sn=True), images, labels)
+  assert {x.dtype for x in jax.tree.leaves((g_vars, d_vars))} == {jnp.dtype(jnp.float32)}
+  g_fn = lambda v, z, y: generator.apply(v, z, y, train=True, mutable=['batch_stats', 'spectral'])
+  d_fn = lambda v, x, y: discriminator.apply(v, x, y, update_sn=True, mutable=['spectral'])
+  for fn, args in ((g_fn, (g_vars, z, labels)), (d_fn, (d_vars, images, labels))):
+    closed = jax.make_jaxpr(fn)(*args)
+    convs = _primitive_dtypes(closed.jaxpr, 'conv_general_dilated')
+    assert convs and all(dtypes == ('bfloat16', 'bfloat16') for dtypes in convs)
+    assert closed.out_avals[0].dtype == jnp.float32  # G's images, D's logits.

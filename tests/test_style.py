@@ -15,7 +15,10 @@ def test_flake8_is_clean():
 
 
 def test_shell_scripts_parse():
-  scripts = glob.glob(os.path.join(REPO, 'launch', '*.sh')) + [os.path.join(REPO, '.ci', 'run')]
+  launch = os.path.join(REPO, 'launch')
+  scripts = (glob.glob(os.path.join(launch, '*.sh')) + glob.glob(os.path.join(launch, '*.sbatch')) +
+             [os.path.join(REPO, '.ci', 'run')])
+  assert len(scripts) >= 7
   for script in scripts:
     result = subprocess.run(['bash', '-n', script], capture_output=True, text=True, check=False)
     assert result.returncode == 0, f'{script}: {result.stderr}'

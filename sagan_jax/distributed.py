@@ -1,0 +1,63 @@
+"""Multi-process start-up: `jax.distributed.initialize` on TPU pod slices and GPU clusters.
+
+Three ways in, decided by `initialize`:
+- explicit: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (plain multi-node
+  GPU runs; also how the tests run two processes on localhost);
+- automatic: on a Cloud TPU VM, and under SLURM's srun with more than one task, jax reads the
+  cluster from the environment;
+- none: a single process (one machine with any number of local devices).
+"""
+
+import glob
+import os
+from typing import Optional
+
+from absl import logging
+import jax
+
+from sagan_jax.errors import ConfigError
+
+
+def _on_tpu_vm() -> bool:
+  """A Cloud TPU VM: TPU devices are visible as /dev/accel* (v2-v4) or /dev/vfio (v5e and later)."""
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def _in_slurm_job_step() -> bool:
+  """srun with several tasks: jax's SLURM cluster detection applies."""
+  return 'SLURM_STEP_NODELIST' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, mode: str = 'auto') -> None:
+  """Joins the processes of a run into one JAX system (no-op for a single process).
+
+  Args:
+    coordinator_address: HOST:PORT of process 0 (explicit mode).
+    num_processes: number of processes (explicit mode).
+    process_id: this process's index in [0, num_processes) (explicit mode).
+    mode: 'auto' (explicit flags, else TPU VM or SLURM detection, else single process), 'on'
+      (always call jax.distributed.initialize, letting jax detect the cluster) or 'off'.
+  """
+  explicit = (coordinator_address, num_processes, process_id)
+  given = [value is not None for value in explicit]
+  if any(given) and not all(given):
+    raise ConfigError('multi-process runs need all three of --coordinator_address=HOST:PORT, '
+                      '--num_processes=N and --process_id=I (or none of them on TPU VMs and '
+                      'under SLURM, where they are detected)')
+  if mode not in ('auto', 'on', 'off'):
+    raise ConfigError(f"unknown --distributed={mode}: use 'auto', 'on' or 'off'")
+  if all(given):
+    if not 0 <= process_id < num_processes:
+      raise ConfigError(f'--process_id={process_id} is not in [0, --num_processes='
+                        f'{num_processes}): number the processes 0 to {num_processes - 1}')
+    # CPU devices of different processes talk through gloo (used by the multi-process tests).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif mode == 'on' or mode == 'auto' and (_on_tpu_vm() or _in_slurm_job_step()):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('jax.distributed: process %d of %d, %d local and %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())

@@ -1,0 +1,136 @@
+"""Scores a checkpoint's generator: FID, IS, KID, precision/recall, fd_classifier, class_accuracy.
+
+  python -m sagan_jax.evaluate --workdir=DIR [--step=N | --best] [--raw] [--num_samples=50000]
+      [--batch_size=256] [--truncation=0] [--standing_stats=0] [--metrics=fid,is,...]
+      [--reference_stats=PATH] [--inception_path=PATH] [--classifier=PATH] [--seed=0]
+
+restores only the generator (the EMA weights unless --raw) of the newest checkpoint, of step N,
+or of WORKDIR/best (--best: the step with the best eval.best_metric seen during training), draws
+--num_samples samples with labels uniform over the classes and scores them (sagan_jax.evaluation).
+Where the files come from, when the flag is not given: the FID Inception weights from
+eval.inception_path of the checkpoint's config, then $SAGAN_INCEPTION_PATH; the reference
+statistics from eval.reference_stats; the classifier from eval.classifier_path, then
+WORKDIR/classifier.npz. A metric whose file is missing is skipped with one log line.
+The scores go to stdout, to DIR/eval/step_N[_best][_raw][_truncT][_standingN].json (with the
+number of samples, the generator, the feature networks and reference files used) and to
+TensorBoard in DIR (scalars eval[_best][_raw]...[/fid] at the checkpoint's step).
+"""
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from absl import logging
+from clu import metric_writers
+from etils import epath
+import jax
+
+from sagan_jax import checkpointing
+from sagan_jax import evaluation
+from sagan_jax import sharding
+from sagan_jax.errors import ConfigError
+
+
+def _variant(best: bool, use_ema: bool, truncation: float, standing_stats: int) -> str:
+  """'_best_raw_trunc0.5_standing100'-style suffix naming the non-default settings."""
+  parts = (['best'] if best else []) + ([] if use_ema else ['raw'])
+  parts += [f'trunc{truncation:g}'] if truncation else []
+  parts += [f'standing{standing_stats}'] if standing_stats else []
+  return ''.join(f'_{p}' for p in parts)
+
+
+def run(workdir: str, step: Optional[int] = None, use_ema: bool = True, best: bool = False,
+        **overrides) -> Tuple[Dict[str, Any], epath.Path]:
+  """Evaluates a checkpoint of WORKDIR and writes the JSON and TensorBoard scalars.
+
+  `overrides` are evaluation.Settings fields (num_samples, batch_size, metrics, ...); None keeps
+  the checkpoint config's value. Returns (the result written to the JSON file, its path).
+  """
+  best_metadata = None
+  if best:
+    if step is not None:
+      raise ConfigError('--best and --step pick different checkpoints: pass one of them')
+    config, generator, params, g_state, step, best_metadata = (
+        checkpointing.load_best_generator(workdir, use_ema))
+  else:
+    config, generator, params, g_state, step = checkpointing.load_generator(workdir, step, use_ema)
+  settings = evaluation.settings_from_config(config, **overrides)
+  mesh = sharding.create_mesh(jax.local_devices())
+  evaluator = evaluation.create_evaluator(config, generator, mesh, settings, workdir)
+  if not evaluator.enabled:
+    reasons = '; '.join(f'{k}: {v}' for k, v in evaluator.skipped.items())
+    raise ConfigError(f'no metric can run ({reasons}): pass --inception_path and '
+                      '--reference_stats, or --classifier (see --help)')
+  logging.info('Evaluating step %d (%s generator) on %d samples: %s', step,
+               'EMA' if use_ema else 'raw', settings.num_samples, ', '.join(
+                   evaluator.metric_names))
+  start = time.perf_counter()
+  scores = evaluator(params, g_state)
+  result = {'step': step, 'workdir': str(workdir),
+            'checkpoint': 'best' if best else 'checkpoints', 'best': best_metadata,
+            'generator': 'ema' if use_ema else 'raw', 'num_samples': settings.num_samples,
+            'scores': scores, **evaluator.describe(),
+            'seconds': round(time.perf_counter() - start, 1)}
+  variant = _variant(best, use_ema, settings.truncation, settings.standing_stats)
+  path = epath.Path(workdir) / 'eval' / f'step_{step:07d}{variant}.json'
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_scalars(step, {f'eval{variant}/{k}': v for k, v in scores.items()})
+  writer.close()
+  return result, path
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m sagan_jax.evaluate', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='Training workdir (local or gs://).')
+  parser.add_argument('--step', type=int, help='Checkpoint step; the newest when not given.')
+  parser.add_argument('--best', action='store_true', help='The checkpoint in WORKDIR/best.')
+  parser.add_argument('--raw', action='store_true', help="G's raw weights instead of the EMA.")
+  parser.add_argument('--num_samples', type=int, default=50_000, help='Samples to score.')
+  parser.add_argument('--batch_size', type=int, help='Samples per batch over all devices '
+                      '(default eval.batch_size).')
+  parser.add_argument('--truncation', type=float, default=0.0,
+                      help='Truncation threshold of z (0: plain N(0, I)).')
+  parser.add_argument('--standing_stats', type=int, default=0, help='Recompute BN statistics '
+                      'from this many batches of G in training mode first (0: off).')
+  parser.add_argument('--metrics', help='Comma-separated subset of '
+                      f'{",".join(evaluation.METRICS)} (default: all).')
+  parser.add_argument('--reference_stats', help='Reference .npz (sagan_jax.reference_stats).')
+  parser.add_argument('--inception_path', help='FID Inception weights (.pth or converted .npz).')
+  parser.add_argument('--classifier', help='Classifier .npz (sagan_jax.classifier).')
+  parser.add_argument('--seed', type=int, default=0, help='Seed of the latents and labels.')
+  return parser.parse_args(list(argv))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  evaluation.setup_cli_logging()
+  metrics = tuple(m.strip() for m in args.metrics.split(',')) if args.metrics else tuple(
+      evaluation.METRICS)
+  try:
+    result, path = run(args.workdir, args.step, not args.raw, args.best,
+                       num_samples=args.num_samples, batch_size=args.batch_size,
+                       truncation=args.truncation, standing_stats=args.standing_stats,
+                       metrics=metrics, reference_stats=args.reference_stats,
+                       inception_path=args.inception_path, classifier_path=args.classifier,
+                       seed=args.seed)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f"step {result['step']} ({result['generator']} generator, {result['num_samples']} "
+        'samples):')
+  for name, value in result['scores'].items():
+    print(f'  {name}: {value:.6g}')
+  for name, reason in result['skipped'].items():
+    print(f'  {name}: skipped ({reason})')
+  print(f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,79 @@
+"""The benchmark CLI: runs without TensorFlow, reports positive timings and FLOPs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import fashion_mnist
+from sagan_jax import benchmark
+from sagan_jax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Blocks TensorFlow, tfds and clu: importing any of them raises ImportError.
+RUN_WITHOUT_TENSORFLOW = """
+import runpy, sys
+for name in ('tensorflow', 'tensorflow_datasets', 'clu'):
+  sys.modules[name] = None
+sys.argv = ['sagan_jax.benchmark'] + sys.argv[1:]
+runpy.run_module('sagan_jax.benchmark', run_name='__main__')
+"""
+
+
+@pytest.fixture(scope='module')
+def cli_run(tmp_path_factory):
+  """The CLI on a tiny config (1 CPU device): the D phase alone (the cheapest compile; the phases
+  differ only in what create_train_step runs), 2 micro-batches, 1 timed step."""
+  json_path = str(tmp_path_factory.mktemp('benchmark') / 'bench.json')
+  args = ['--config=configs/fashion_mnist.py', '--config.train.batch_size=4',
+          '--config.train.grad_accum_steps=2', '--config.model.g_attention=()',
+          '--config.model.d_attention=()', '--steps=1', '--warmup=0', '--peak_tflops=0.5',
+          '--phases=d_step', f'--json_out={json_path}']
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, '-c', RUN_WITHOUT_TENSORFLOW, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(json_path) as f:
+    return proc.stdout, json.load(f)
+
+
+def test_cli_prints_and_writes_positive_numbers(cli_run):
+  stdout, results = cli_run
+  assert results['num_devices'] == 1 and results['platform'] == 'cpu'
+  assert results['peak_memory_bytes'] is None and 'peak device memory: n/a' in stdout
+  assert set(results['phases']) == {'d_step'}
+  d_step = results['phases']['d_step']
+  for field in ('step_ms', 'images_per_s', 'compile_s', 'flops_per_step',
+                'tflops_per_s_per_device', 'mfu'):
+    assert d_step[field] > 0, field
+  row = next(line.split() for line in stdout.splitlines() if line.startswith('d_step'))
+  assert all(float(x) > 0 for x in row[1:6]), row  # ms, images/s, compile s, TFLOP, TFLOP/s.
+  assert row[-1].endswith('%')
+  assert d_step['images_per_s'] == pytest.approx(4 / (d_step['step_ms'] / 1e3))
+  assert d_step['mfu'] == pytest.approx(d_step['tflops_per_s_per_device'] / 0.5)
+  # 2 micro-batches run in a scan, which XLA counts once: FLOPs come from the loop-free twin.
+  assert results['flops_source'] == 'loop-free twin (lowered)'
+  # At least the D convolutions: 2 images x 4 of 32x32 through conv3x3 32->32 forward alone.
+  assert d_step['flops_per_step'] > 2 * 8 * 32 * 32 * 9 * 32 * 32
+
+
+def test_known_peaks_by_device_kind():
+  assert benchmark.known_peak_tflops('NVIDIA H200') == 989.0
+  assert benchmark.known_peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert benchmark.known_peak_tflops('TPU v4') == 275.0
+  assert benchmark.known_peak_tflops('TPU v5 lite') == 197.0
+  assert benchmark.known_peak_tflops('TPU v5p') == 459.0
+  assert benchmark.known_peak_tflops('TPU v6 lite') == 918.0
+  assert benchmark.known_peak_tflops('cpu') is None
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(steps=0), '--steps=0'),
+    (dict(phases=('train', 'g_step')), "unknown --phases \\['train'\\]"),
+])
+def test_bad_flags_name_the_fix(kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    benchmark.run_benchmark(fashion_mnist.get_config(), **kwargs)

@@ -1,0 +1,420 @@
+"""The evaluation pipeline: sharded sampling and features, metrics end to end, the CLIs' files,
+reference statistics, standing statistics, the classifier and the best checkpoint.
+
+A tiny generator (ch 8, 32 px, no attention), a data set of squares whose size and brightness
+give the class, and the FID Inception with seeded weights on one image.
+"""
+
+import functools
+import json
+import logging
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sagan_jax import checkpointing
+from sagan_jax import classifier
+from sagan_jax import evaluate
+from sagan_jax import evaluation
+from sagan_jax import inception
+from sagan_jax import layers
+from sagan_jax import metrics
+from sagan_jax import models
+from sagan_jax import reference_stats
+from sagan_jax import sharding
+from sagan_jax import train_loop
+from sagan_jax.errors import ConfigError
+from sagan_jax.train_state import GANTrainState
+from tests.conftest import tiny_config
+from tests.conftest import write_idx
+from tests.test_inception import FIXTURES
+from tests.test_inception import tool
+
+NUM_TRAIN, NUM_TEST = 300, 200
+
+
+def square_images(n: int, seed: int):
+  """28x28 noise with a centred square of side 4 + 2 * class and brightness 75 + 20 * class."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % 10
+  images = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
+  for i, c in enumerate(labels):
+    side = 4 + 2 * c
+    start = (28 - side) // 2
+    images[i, start:start + side, start:start + side] = 75 + 20 * c
+  return images, labels
+
+
+def padded_real(images):
+  """What the input pipeline makes of 28 px images at 32 px: padded, in [-1, 1]."""
+  return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None].astype(np.float32) / 127.5 - 1.0
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('squares'))
+  for prefix, n, seed in (('train', NUM_TRAIN, 0), ('t10k', NUM_TEST, 1)):
+    images, labels = square_images(n, seed)
+    write_idx(os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'), images)
+    write_idx(os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'), labels)
+  config = tiny_config(directory)
+  config.model.g_attention = config.model.d_attention = ()  # Compiles faster; not used here.
+  return config
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  assert jax.device_count() == 8
+  return sharding.create_mesh()
+
+
+@pytest.fixture(scope='module')
+def state(config, mesh):
+  """G's part of a train state at step 7 (D and the optimizers are not needed here)."""
+  generator = models.create_generator(config)
+  g_vars = jax.jit(functools.partial(generator.init, train=True))(
+      jax.random.PRNGKey(0), jnp.zeros((2, config.model.z_dim)), jnp.zeros((2,), jnp.int32))
+  g_vars = jax.device_put(dict(g_vars), sharding.replicated(mesh))
+  params = g_vars.pop('params')
+  # Different EMA and raw weights, so that a test can tell which one was used.
+  ema = jax.tree.map(lambda x: x * 1.01, params)
+  unused = {'unused': jnp.zeros(())}
+  return GANTrainState(step=jnp.asarray(7, jnp.int32), rng=jax.random.PRNGKey(1),
+                       g_params=params, d_params=unused, g_state=g_vars, d_state=unused,
+                       g_opt_state=unused, d_opt_state=unused, ema_g_params=ema, g_tx=None,
+                       d_tx=None)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory, config, state):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  manager = checkpointing.create_checkpoint_manager(workdir, config)
+  checkpointing.save(manager, state, config)
+  manager.wait_until_finished()
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def classifier_file(config, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('classifier') / 'classifier.npz')
+  metadata = classifier.create_classifier_file(config, path, epochs=6, batch_size=50,
+                                               num_heldout=NUM_TRAIN, num_reference_images=1000)
+  return path, metadata
+
+
+def create_direct_fn(config, net, padded):
+  """Samples and features without the mesh: `fn(params, g_state, rng, count)` on one device."""
+  generator = models.create_generator(config)
+
+  @jax.jit
+  def run(params, g_state, variables, rng):
+    z, labels = evaluation.eval_latents(rng, padded, config.model.z_dim, 10, 0.0)
+    images = generator.apply({'params': params, **g_state}, z, labels, train=False)
+    return labels, net.apply_fn(variables, evaluation.quantize(images))
+
+  def fn(params, g_state, rng, count):
+    inputs = jax.device_put(jax.device_get((params, g_state, net.variables, rng)),
+                            jax.devices()[0])
+    labels, out = jax.device_get(run(*inputs))
+    return labels[:count], {k: v[:count] for k, v in out.items()}
+
+  return fn
+
+
+def test_classifier_learns_the_classes_and_its_reference_is_all_training_images(
+    config, classifier_file):
+  path, metadata = classifier_file
+  assert metadata['train_split'] == 'test' and metadata['heldout_split'] == 'train'
+  # Chance is 0.1; 24 small steps learn the easy classes in part.
+  assert metadata['train_images'] == NUM_TEST and metadata['heldout_accuracy'] > 0.4
+  net, reference = classifier.load_feature_net(path)
+  assert net.feature_dim == 128 and reference.info['num_images'] == NUM_TRAIN
+  # The reference is every training image once (no flips, no repeats): numpy on all of them.
+  features = np.asarray(net.apply_fn(net.variables, padded_real(square_images(NUM_TRAIN, 0)[0]))
+                        ['features'], np.float64)
+  np.testing.assert_allclose(reference.mu, features.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(reference.sigma, np.cov(features.T), rtol=1e-3,
+                             atol=1e-4 * np.abs(reference.sigma).max())
+  assert reference.features.shape == (NUM_TRAIN, 128)
+  other = tiny_config()
+  other.data.channels = 3
+  with pytest.raises(ConfigError, match='data.channels=1 but the generator has data.channels=3'):
+    classifier.check_compatible(net, other, path)
+
+
+def test_fd_classifier_of_real_images_against_their_reference_is_about_zero(classifier_file):
+  net, reference = classifier.load_feature_net(classifier_file[0])
+  sets = {}
+  for name, (images, _) in (('train', square_images(NUM_TRAIN, 0)),
+                            ('test', square_images(NUM_TEST, 1))):
+    sets[name] = evaluation.FeatureSet(keep=0)
+    sets[name].update(jax.device_get(net.apply_fn(net.variables, padded_real(images))))
+  same = evaluation.compute_scores(['fd_classifier'], {'classifier': sets['train']}, None,
+                                   {'classifier': reference})[0]['fd_classifier']
+  other = evaluation.compute_scores(['fd_classifier'], {'classifier': sets['test']}, None,
+                                    {'classifier': reference})[0]['fd_classifier']
+  scale = np.trace(reference.sigma)
+  assert abs(same) < 1e-6 * scale
+  assert 0 < other < 0.2 * scale  # Other images of the same distribution: small, not zero.
+
+
+def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
+    workdir, classifier_file, config, state, monkeypatch, caplog, capsys):
+  monkeypatch.delenv(inception.ENV_VAR, raising=False)
+  with caplog.at_level(logging.WARNING):
+    code = evaluate.main([f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
+                          '--num_samples=150', '--batch_size=60'])
+  assert code == 0
+  skip_lines = [r.getMessage() for r in caplog.records if 'Inception metrics are skipped' in
+                r.getMessage()]
+  assert len(skip_lines) == 1 and inception.PTH_NAME in skip_lines[0]
+  out = capsys.readouterr().out
+  assert 'fid: skipped (no Inception weights)' in out and 'class_accuracy: ' in out
+
+  path = os.path.join(workdir, 'eval', 'step_0000007.json')
+  with open(path) as f:
+    result = json.load(f)
+  assert result['num_samples'] == 150 and result['generator'] == 'ema'
+  assert result['feature_networks']['classifier']['path'] == classifier_file[0]
+  assert set(result['scores']) == {'fd_classifier', 'class_accuracy'}
+  # The same numbers without the mesh: 60 per batch (padded to 64 on 8 devices), 30 in the last.
+  net, reference = classifier.load_feature_net(classifier_file[0])
+  rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+  labels, features, logits = [], [], []
+  direct_fn = create_direct_fn(config, net, 64)
+  for index, count in ((0, 60), (1, 60), (2, 30)):
+    y, out = direct_fn(state.ema_g_params, state.g_state, jax.random.fold_in(rng, index), count)
+    labels.append(y)
+    features.append(out['features'])
+    logits.append(out['logits'])
+  features, logits = np.concatenate(features), np.concatenate(logits)
+  expected_fd = metrics.frechet_distance(features.mean(0), np.cov(np.float64(features).T),
+                                         reference.mu, reference.sigma)
+  assert result['scores']['fd_classifier'] == pytest.approx(expected_fd, rel=1e-3)
+  assert result['scores']['class_accuracy'] == pytest.approx(
+      np.mean(logits.argmax(1) == np.concatenate(labels)), abs=1 / 150 + 1e-9)
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  assert events
+  with open(os.path.join(workdir, events[0]), 'rb') as f:
+    assert b'eval/fd_classifier' in f.read()
+
+  # Fewer samples than the classifier's 128 features: FD undefined, one error line, exit 2.
+  assert evaluate.main([f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
+                        '--num_samples=100']) == 2
+  err = capsys.readouterr().err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'at least 129' in last
+  # Nothing to score at all: an error that says why.
+  assert evaluate.main([f'--workdir={workdir}', '--metrics=fid,is']) == 2
+  assert 'no metric can run (fid: no Inception weights' in capsys.readouterr().err
+  # --best reads WORKDIR/best, which this run has not written.
+  assert evaluate.main([f'--workdir={workdir}', '--best']) == 2
+  assert 'error: no best checkpoint in' in capsys.readouterr().err
+  assert evaluate.main([f'--workdir={workdir}', '--best', '--step=7']) == 2
+  assert '--best and --step pick different checkpoints' in capsys.readouterr().err
+
+
+def test_inception_features_of_the_sharded_path_match_pytorch_fid(config, mesh):
+  """evaluation's Inception wrapper (the [-1, 1] convention, 8-bit rounding, padding over the
+  mesh) against pytorch-fid's outputs for the parity fixture (tests/test_inception.py)."""
+  with np.load(os.path.join(FIXTURES, 'inception_parity.npz')) as fixture:
+    images, expected = fixture['images'][:1], {k: fixture[f'torch64/{k}'][0] for k in (
+        'pool3', 'logits_unbiased')}
+  variables = inception.variables_from_torch(
+      tool.seeded_state_dict(inception.torch_layout(), tool.SEED), 'seeded')
+  net = evaluation.inception_net(variables, 'seeded')
+  # Inception is slow on CPUs: 1 image, padded to 2 devices and cut back.
+  features_fn = evaluation.create_features_fn([net], sharding.create_mesh(jax.devices()[:2]))
+  out = features_fn(images * 2.0 - 1.0)['inception']
+  assert out['features'].shape == (1, 2048) and out['logits'].shape == (1, 1008)
+  # The fixture's pixels are not on 8-bit levels: rounding them moves the outputs by 3.5e-4 of
+  # their largest value (measured), a wrong input range ([-1, 1] read as [0, 1]) by 1.7 times it.
+  for key, name in (('features', 'pool3'), ('logits', 'logits_unbiased')):
+    np.testing.assert_allclose(out[key][0], expected[name], rtol=0,
+                               atol=3e-3 * np.abs(expected[name]).max())
+  # FID from 100 samples of 2048-d features is undefined: refused before any sampling.
+  settings = evaluation.Settings(metrics=('fid',), num_samples=100)
+  reference = metrics.Reference(np.zeros(2048), np.eye(2048), None, {'resolution': 32})
+  with pytest.raises(ConfigError, match='fid needs more samples than features.*at least 2049'):
+    evaluation.Evaluator(models.create_generator(config), config.model.z_dim, mesh, settings,
+                         [net], {'inception': reference}, {})
+
+
+def test_reference_statistics_of_another_resolution_or_feature_size_are_refused(tmp_path):
+  path = str(tmp_path / 'ref.npz')
+  rng = np.random.default_rng(0)
+  features = rng.standard_normal((40, 16))
+  metrics.save_reference(path, features.mean(0), np.cov(features.T), features, resolution=64,
+                         channels=3)
+  reference = metrics.load_reference(path)
+  assert reference.info['resolution'] == 64 and reference.info['feature_dim'] == 16
+  np.testing.assert_allclose(reference.features, features.astype(np.float32))
+  with np.load(path) as npz:  # Plain numpy readers see the essentials too.
+    assert int(npz['resolution']) == 64 and npz['mu'].shape == (16,)
+  with pytest.raises(ConfigError, match=r'computed at 64x64 px but the generator makes 128x128'):
+    evaluation.check_reference(reference, path, 16, 128, 'FID Inception')
+  with pytest.raises(ConfigError, match=r'holds 16-d features but the FID Inception gives '
+                                        r'2048-d'):
+    evaluation.check_reference(reference, path, 2048, 64, 'FID Inception')
+  evaluation.check_reference(reference, path, 16, 64, 'FID Inception')  # Matching: no error.
+
+
+class _Projection(nn.Module):
+  """A tiny stand-in feature network: a fixed random projection of the pixels."""
+
+  @nn.compact
+  def __call__(self, images):
+    flat = images.reshape(images.shape[0], -1)
+    features = flat @ self.param('w', nn.initializers.normal(0.05), (flat.shape[1], 16))
+    return {'features': features, 'logits': features[:, :4]}
+
+
+def test_reference_stats_cover_the_training_images_and_the_cli_needs_weights(
+    config, tmp_path, monkeypatch, capsys):
+  model = _Projection()
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
+  net = evaluation.FeatureNet('tiny', model.apply, variables, 16, {'network': 'projection'})
+  out = str(tmp_path / 'ref.npz')
+  info = reference_stats.compute_reference_stats(config, out, num_images=1000, batch_size=64,
+                                                 net=net)
+  assert info['num_images'] == NUM_TRAIN  # All of them, once each.
+  reference = metrics.load_reference(out)
+  features = np.asarray(model.apply(variables, padded_real(square_images(NUM_TRAIN, 0)[0]))
+                        ['features'], np.float64)
+  np.testing.assert_allclose(reference.mu, features.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(reference.sigma, np.cov(features.T), rtol=1e-4, atol=1e-6)
+  assert reference.info['resolution'] == 32 and reference.features.shape == (NUM_TRAIN, 16)
+  with pytest.raises(ConfigError, match='needs more images than that'):
+    reference_stats.compute_reference_stats(config, out, num_images=16, net=net)
+
+  monkeypatch.delenv(inception.ENV_VAR, raising=False)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert reference_stats.main(['prog', f'--config={repo}/configs/fashion_mnist.py',
+                               f'--out={out}']) == 2
+  assert 'error: Inception weights not found' in capsys.readouterr().err
+
+
+def create_bn_inputs_fn(generator):
+  """`fn(params, g_state, z, labels)`: the input of every batch norm of G in training mode."""
+
+  @jax.jit
+  def fn(params, g_state, z, labels):
+    captured = {}
+
+    def interceptor(next_fn, args, kwargs, context):
+      if (isinstance(context.module, layers.ConditionalBatchNorm) and
+          context.method_name == '__call__'):
+        captured['/'.join(context.module.path)] = args[0]
+      return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      generator.apply({'params': params, **g_state}, z, labels, train=True,
+                      mutable=['batch_stats', 'spectral'])
+    return captured
+
+  return fn
+
+
+def test_standing_statistics_are_the_mean_of_batch_moments(config, state, mesh):
+  generator = models.create_generator(config)
+  standing_fn = evaluation.create_standing_stats_fn(generator, config.model.z_dim, mesh,
+                                                    batch_size=12)
+  rng = jax.random.PRNGKey(9)
+  params, g_state = jax.device_get(state.ema_g_params), jax.device_get(state.g_state)
+  new_state = jax.device_get(evaluation.standing_statistics(standing_fn, params, g_state, 3,
+                                                            rng))
+  sums = {}
+  bn_inputs_fn = create_bn_inputs_fn(generator)
+  for index in range(3):
+    z, labels = evaluation.eval_latents(jax.random.fold_in(rng, index), 16, config.model.z_dim,
+                                        10, 0.0)
+    for name, x in jax.device_get(bn_inputs_fn(params, g_state, z, labels)).items():
+      x = np.asarray(x, np.float64)
+      moments = np.stack([x.mean((0, 1, 2)), x.var((0, 1, 2))])
+      sums[name] = sums.get(name, 0) + moments / 3
+  assert len(sums) == 7  # Two conditional BNs in each of G's 3 blocks, and the last BN.
+  for name, (mean, var) in sums.items():
+    stats = new_state['batch_stats']
+    for part in name.split('/'):
+      stats = stats[part]
+    np.testing.assert_allclose(stats['mean'], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats['var'], var, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(stats['var'], 1.0)  # Changed from the initial statistics.
+  # Spectral vectors and parameters stay as they were.
+  for a, b in zip(jax.tree.leaves(g_state['spectral']), jax.tree.leaves(new_state['spectral'])):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('metric,values,best_step', [('fid', (5.0, 3.0, 4.0), 2),
+                                                     ('class_accuracy', (0.5, 0.7, 0.6), 2)])
+def test_the_best_checkpoint_is_kept_by_its_metric(config, state, tmp_path, metric, values,
+                                                   best_step):
+  keeper = evaluation.BestCheckpoint(tmp_path, metric)
+  states = {}
+  for step, value in enumerate(values, 1):
+    states[step] = state.replace(step=jnp.asarray(step, jnp.int32), ema_g_params=jax.tree.map(
+        lambda x, s=step: x + s, state.ema_g_params))
+    keeper.update(states[step], config, {metric: value, 'other': 1.0})
+  assert checkpointing.best_checkpoint_dir(tmp_path).exists()
+  _, _, params, _, step, metadata = checkpointing.load_best_generator(tmp_path)
+  assert step == best_step and metadata['metric'] == metric
+  assert metadata['value'] == values[best_step - 1]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(states[best_step].ema_g_params)):
+    np.testing.assert_array_equal(a, b)
+  assert os.listdir(checkpointing.best_checkpoint_dir(tmp_path)) == [str(best_step)]
+  # A resumed run reads the kept best and only replaces it with a better score.
+  resumed = evaluation.BestCheckpoint(tmp_path, metric)
+  assert not resumed.is_better(values[2]) and not resumed.is_better(float('nan'))
+  assert resumed.is_better(values[best_step - 1] + (-1 if metric == 'fid' else 1) * 0.1)
+  with pytest.raises(ConfigError, match="eval.best_metric='is_std' cannot rank"):
+    evaluation.BestCheckpoint(tmp_path, 'is_std')
+
+
+def test_evaluation_during_training_logs_scores_and_keeps_the_best(
+    config, state, mesh, classifier_file, tmp_path, caplog, monkeypatch):
+  shutil.copy(classifier_file[0], tmp_path / evaluation.CLASSIFIER_FILE)  # Found in the workdir.
+  train_config = tiny_config(config.data.fashion_mnist_dir)
+  train_config.eval.num_samples = 130
+  train_config.eval.metrics = ('fid', 'class_accuracy')
+  train_config.eval.best_metric = 'fid'
+  generator = models.create_generator(train_config)
+
+  class Writer:
+    scalars = {}
+
+    def write_scalars(self, step, scalars):
+      self.scalars[step] = scalars
+
+  with caplog.at_level(logging.INFO):
+    train_loop._create_periodic_evaluation(train_config, tmp_path, generator, mesh, Writer())
+  assert 'eval.best_metric=fid is not evaluated (no Inception weights)' in caplog.text
+  assert not checkpointing.best_checkpoint_dir(tmp_path).exists()
+  train_config.eval.every_steps = 0
+  assert train_loop._create_periodic_evaluation(train_config, tmp_path, generator, mesh,
+                                                Writer()) is None
+
+  # The evaluator's numbers are tested above; here it is replaced by one that records its input.
+  calls = []
+
+  def fake_evaluator(g_params, g_state):
+    calls.append(g_params)
+    return {'class_accuracy': 0.25 * len(calls)}
+
+  monkeypatch.setattr(evaluation.Evaluator, '__call__', lambda self, p, s: fake_evaluator(p, s))
+  train_config.eval.every_steps = 5
+  train_config.eval.best_metric = 'class_accuracy'
+  evaluate_fn = train_loop._create_periodic_evaluation(train_config, tmp_path, generator, mesh,
+                                                       Writer())
+  with caplog.at_level(logging.INFO):
+    scores = evaluate_fn(7, state)
+  assert scores == {'class_accuracy': 0.25} and calls[0] is state.ema_g_params
+  assert Writer.scalars[7] == {'eval/class_accuracy': 0.25}
+  assert 'eval at step 7 (130 samples' in caplog.text
+  evaluate_fn(8, state.replace(step=jnp.asarray(8, jnp.int32)))
+  assert checkpointing.load_best_generator(tmp_path)[4:] == (
+      8, {'step': 8, 'metric': 'class_accuracy', 'value': 0.5, 'scores': {'class_accuracy': 0.5}})
