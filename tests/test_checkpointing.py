@@ -92,3 +92,23 @@ def test_an_unwritable_workdir_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match='cannot write to --workdir=.*Not a directory'):
     train_loop._check_workdir(checkpointing.epath.Path(blocker / 'run'))
   assert os.listdir(tmp_path) == ['file']
+
+
+def test_saves_come_every_k_steps_and_every_t_minutes_whichever_is_first(monkeypatch):
+  config = tiny_config()
+  config.checkpoint_every_steps = 100
+  config.checkpoint_every_minutes = 2.0
+  now = [1000.0]
+  monkeypatch.setattr(train_loop.time, 'monotonic', lambda: now[0])
+  clock = train_loop._SaveClock(config)
+  due = []
+  for step in range(1, 301):
+    now[0] += 7.0  # 7 s per step: 120 s pass every 17.1 steps.
+    if clock.due(step):
+      due.append(step)
+      clock.saved()
+  assert due[:3] == [18, 36, 54] and 100 in due and 200 in due
+  config.checkpoint_every_minutes = 0.0  # Steps only.
+  clock = train_loop._SaveClock(config)
+  now[0] += 1e6
+  assert [s for s in range(1, 301) if clock.due(s)] == [100, 200, 300]
