@@ -265,18 +265,7 @@ def _parse(argv: Sequence[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_string('heldout_split', None, 'Held-out split (default: module doc).',
                       flag_values=fv)
-  if any(arg in ('-h', '--help') for arg in argv[1:]):
-    print(f'{__doc__}\nflags:\n{fv.get_help()}')
-    raise SystemExit(0)
-  try:
-    fv(list(argv))
-  except flags.Error as e:
-    raise ConfigError(f'{e}: see --help') from e
-  except (AttributeError, KeyError) as e:  # A --config.FIELD override of no field.
-    raise ConfigError(f'the config has no field {e}: see configs/default.py') from e
-  if fv.config is None or not fv.out:
-    raise ConfigError('pass --config=configs/<data set>.py and --out=PATH')
-  return fv
+  return evaluation.parse_config_cli(fv, argv, __doc__)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -533,3 +533,23 @@ class BestCheckpoint:
       logging.info('New best checkpoint: %s=%.6g at step %d (%s)', self.metric,
                    scores[self.metric], step, self.manager.directory)
     return better
+
+
+def parse_config_cli(fv, argv, doc: str):
+  """Parses `argv` into `fv` (flags --config and --out among them); one ConfigError per mistake.
+
+  Shared by the CLIs that take a training config: the classifier and reference_stats.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if any(arg in ('-h', '--help') for arg in argv[1:]):
+    print(f'{doc}\nflags:\n{fv.get_help()}')
+    raise SystemExit(0)
+  try:
+    fv(list(argv))
+  except flags.Error as e:
+    raise ConfigError(f'{e}: see --help') from e
+  except (AttributeError, KeyError) as e:  # A --config.FIELD override of no field.
+    raise ConfigError(f'the config has no field {e}: see configs/default.py') from e
+  if fv.config is None or not fv.out:
+    raise ConfigError('pass --config=configs/<data set>.py and --out=PATH')
+  return fv
