@@ -79,3 +79,35 @@ pinned_jax_version() {
   done < "$1"
   return 1
 }
+
+# The command line as every launch script reads it: --dry-run, -h/--help (the usage of the file
+# given first), `--name=value` and `--name value` (the script's set_option NAME VALUE), switches
+# (the script's set_switch NAME, which returns 1 for names that take a value), bare words (the
+# script's set_word WORD) and, where the script sets TAKES_TRAINER_ARGS=1, `--` followed by flags
+# for the trainer (EXTRA_ARGS).
+# shellcheck disable=SC2034  # EXTRA_ARGS is read by the sourcing script.
+parse_command_line() {
+  local usage_file=$1 hint="launch/${1##*/}"
+  shift
+  while (( $# )); do
+    case "$1" in
+      --) (( ${TAKES_TRAINER_ARGS:-0} )) || die "unexpected argument '--' (see ${hint} --help)"
+          shift; EXTRA_ARGS=("$@"); return 0 ;;
+      --dry-run) DRY_RUN=1 ;;
+      -h|--help) print_usage "${usage_file}"; exit 0 ;;
+      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
+      --*) if ! set_switch "$1"; then set_option "$1" "${2-}"; shift; fi ;;
+      *) set_word "$1" "${hint}" ;;
+    esac
+    shift
+  done
+}
+
+# Defaults of the parse_command_line hooks; a script redefines those it needs after sourcing.
+set_switch() {
+  return 1
+}
+
+set_word() {
+  die "unexpected argument '$1' (see $2 --help)"
+}

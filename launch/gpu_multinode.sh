@@ -28,7 +28,8 @@ PROCESS_ID=""
 DATA_DIR=""
 VENV=.venv
 DRY_RUN=${DRY_RUN:-0}
-EXTRA_ARGS=()
+EXTRA_ARGS=()  # Flags after `--`, passed on to the trainer.
+TAKES_TRAINER_ARGS=1
 
 set_option() {
   [[ -n "$2" ]] || die "$1 needs a value (see launch/gpu_multinode.sh --help)"
@@ -46,17 +47,7 @@ set_option() {
 }
 
 parse_args() {
-  while (( $# )); do
-    case "$1" in
-      --) shift; EXTRA_ARGS=("$@"); break ;;
-      --dry-run) DRY_RUN=1 ;;
-      -h|--help) print_usage "${BASH_SOURCE[0]}"; exit 0 ;;
-      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
-      --*) set_option "$1" "${2-}"; shift ;;
-      *) die "unexpected argument '$1' (see launch/gpu_multinode.sh --help)" ;;
-    esac
-    shift
-  done
+  parse_command_line "${BASH_SOURCE[0]}" "$@"
 }
 
 validate() {

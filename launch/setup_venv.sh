@@ -32,16 +32,7 @@ set_option() {
 }
 
 parse_args() {
-  while (( $# )); do
-    case "$1" in
-      --dry-run) DRY_RUN=1 ;;
-      -h|--help) print_usage "${BASH_SOURCE[0]}"; exit 0 ;;
-      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
-      --*) set_option "$1" "${2-}"; shift ;;
-      *) die "unexpected argument '$1' (see launch/setup_venv.sh --help)" ;;
-    esac
-    shift
-  done
+  parse_command_line "${BASH_SOURCE[0]}" "$@"
   case "${ACCELERATOR}" in
     tpu|cuda12|cuda13|cpu) ;;
     '') die "no accelerator given: pass --accelerator=tpu, cuda12, cuda13 or cpu" ;;

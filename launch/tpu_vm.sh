@@ -51,7 +51,8 @@ DATA_DIR=""
 WORKER=""
 PYTHON=""
 DRY_RUN=${DRY_RUN:-0}
-EXTRA_ARGS=()
+EXTRA_ARGS=()  # Flags after `--`, passed on to the trainer.
+TAKES_TRAINER_ARGS=1
 REMOTE_DIR=sagan_jax  # Relative to the home directory, where ssh commands start.
 STOP_TIMEOUT_S=900    # How long `stop` waits for the checkpoint save.
 POLL_S=60             # How often to ask about a slice that is not ready yet.
@@ -79,22 +80,21 @@ set_option() {
   esac
 }
 
+set_switch() {
+  case "$1" in
+    --spot) SPOT=1 ;;
+    --queued) QUEUED=1 ;;
+    *) return 1 ;;
+  esac
+}
+
+set_word() {
+  [[ -z "${COMMAND}" ]] || die "unexpected argument '$1' (see $2 --help)"
+  COMMAND=$1
+}
+
 parse_args() {
-  while (( $# )); do
-    case "$1" in
-      --) shift; EXTRA_ARGS=("$@"); break ;;
-      --dry-run) DRY_RUN=1 ;;
-      --spot) SPOT=1 ;;
-      --queued) QUEUED=1 ;;
-      -h|--help) print_usage "${BASH_SOURCE[0]}"; exit 0 ;;
-      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
-      --*) set_option "$1" "${2-}"; shift ;;
-      *)
-        [[ -z "${COMMAND}" ]] || die "unexpected argument '$1' (see launch/tpu_vm.sh --help)"
-        COMMAND=$1 ;;
-    esac
-    shift
-  done
+  parse_command_line "${BASH_SOURCE[0]}" "$@"
 }
 
 # Hosts (VMs) of an accelerator type; fails for a type this script does not know.

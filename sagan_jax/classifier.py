@@ -35,11 +35,11 @@ from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 
-from sagan_jax import evaluation
+from sagan_jax import cli
+from sagan_jax import features
 from sagan_jax import metrics
 from sagan_jax import reference_stats
 from sagan_jax import sharding
@@ -63,9 +63,9 @@ class Classifier(nn.Module):
     for width in self.widths:
       x = nn.relu(nn.Conv(width, (3, 3))(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    features = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
-    hidden = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
-    return {'features': features, 'logits': nn.Dense(self.num_classes)(hidden)}
+    embedding = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
+    hidden = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
+    return {'features': embedding, 'logits': nn.Dense(self.num_classes)(hidden)}
 
 
 def stage_widths(resolution: int) -> Tuple[int, ...]:
@@ -160,7 +160,7 @@ def save(path: str, params, metadata: Dict[str, Any], reference: metrics.Referen
   epath.Path(path).write_bytes(buffer.getvalue())
 
 
-def load_feature_net(path: str) -> Tuple[evaluation.FeatureNet, metrics.Reference]:
+def load_feature_net(path: str) -> Tuple[features.FeatureNet, metrics.Reference]:
   """The classifier of a file written by `save` as a FeatureNet, and its reference statistics."""
   if not epath.Path(path).exists():
     raise ConfigError(f'classifier {path} not found: train it with `python -m sagan_jax.'
@@ -181,11 +181,11 @@ def load_feature_net(path: str) -> Tuple[evaluation.FeatureNet, metrics.Referenc
   apply_fn = lambda variables, images: model.apply(variables, images)
   description = {'network': 'sagan_jax.classifier (trained on the data set; not Inception)',
                  'path': str(path), **metadata}
-  return (evaluation.FeatureNet('classifier', apply_fn, {'params': params},
-                                metadata['feature_dim'], description), reference)
+  return (features.FeatureNet('classifier', apply_fn, {'params': params},
+                              metadata['feature_dim'], description), reference)
 
 
-def check_compatible(net: evaluation.FeatureNet, config, path: str) -> None:
+def check_compatible(net: features.FeatureNet, config, path: str) -> None:
   """ConfigError unless the classifier reads the generator's resolution, channels and classes."""
   data = config.data
   for field in ('resolution', 'channels', 'num_classes'):
@@ -223,11 +223,11 @@ def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int
   logging.info('Training the classifier on %d %s/%s images for %d steps', count,
                config.data.name, train_split, num_steps)
   params = train(model, batches, num_steps, seed)
-  net = evaluation.FeatureNet('classifier', lambda v, x: model.apply(v, x), {'params': params},
-                              model.feature_dim, {})
+  net = features.FeatureNet('classifier', lambda v, x: model.apply(v, x), {'params': params},
+                            model.feature_dim, {})
   # One compiled forward for the held-out accuracy and the reference features.
-  features_fn = evaluation.create_features_fn([net], sharding.create_mesh(jax.local_devices()),
-                                              batch_size=500)
+  features_fn = features.create_features_fn([net], sharding.create_mesh(jax.local_devices()),
+                                            batch_size=500)
   heldout_accuracy = None
   if heldout_split:
     _, heldout = reference_stats.real_image_batches(config, num_heldout, 500, heldout_split)
@@ -249,11 +249,8 @@ def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int
 
 
 def _parse(argv: Sequence[str]) -> flags.FlagValues:
-  """This CLI's flags on their own FlagValues (other CLIs define flags of the same names)."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'The training config (its data section).',
-                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string('out', None, 'Output .npz (local or gs://).', flag_values=fv)
+  """This CLI's flags: --config and --out (cli.config_flag_values) and its own."""
+  fv = cli.config_flag_values(argv)
   flags.DEFINE_float('epochs', 10, 'Passes over the training images.', flag_values=fv)
   flags.DEFINE_integer('batch_size', 128, 'Training batch.', flag_values=fv)
   flags.DEFINE_integer('seed', 0, 'Seed of the parameters, data order and augmentation.',
@@ -265,12 +262,12 @@ def _parse(argv: Sequence[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_string('heldout_split', None, 'Held-out split (default: module doc).',
                       flag_values=fv)
-  return evaluation.parse_config_cli(fv, argv, __doc__)
+  return cli.parse_config_cli(fv, argv, __doc__)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv if argv is None else argv
-  evaluation.setup_cli_logging()
+  cli.setup_cli_logging()
   try:
     fv = _parse(argv)
     metadata = create_classifier_file(

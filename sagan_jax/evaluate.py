@@ -28,6 +28,7 @@ from etils import epath
 import jax
 
 from sagan_jax import checkpointing
+from sagan_jax import cli
 from sagan_jax import evaluation
 from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
@@ -109,7 +110,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
-  evaluation.setup_cli_logging()
+  cli.setup_cli_logging()
   metrics = tuple(m.strip() for m in args.metrics.split(',')) if args.metrics else tuple(
       evaluation.METRICS)
   try:

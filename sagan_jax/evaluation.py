@@ -1,12 +1,9 @@
-"""Scores a generator: samples and features on device, metrics on the host.
+"""Scores a generator: which metrics run on which features, settings, the best checkpoint.
 
-Generation and feature extraction run as one compiled function over the mesh: z and labels are
-drawn on device, the batch is sharded over 'data' (padded up to a multiple of the device count;
-the padding is dropped on the host), parameters are replicated and the features come back
-replicated. Generated images are rounded to 8-bit levels before the feature networks see them,
-as if they had been saved as PNG files, and so are the real images of the reference statistics.
+Samples and features come from the compiled, sharded functions of sagan_jax.features; the
+metrics (sagan_jax.metrics) run on the host in float64.
 
-Feature networks (FeatureNet):
+Feature networks (features.FeatureNet):
 - 'inception': pytorch-fid's FID Inception-v3 (sagan_jax.inception). Its pool3 features give FID,
   KID and precision/recall against reference statistics of the training images
   (`python -m sagan_jax.reference_stats`), its logits the Inception Score.
@@ -16,26 +13,20 @@ Feature networks (FeatureNet):
   predictions `class_accuracy`, the share of class-conditional samples classified as their class.
 A metric whose network, weights or reference is missing is skipped with one log line that says
 why; the others run.
-
-Standing statistics (BigGAN): `standing_statistics` replaces G's BN moving averages with the mean
-of the batch moments of G in training mode over N batches of random z and labels.
 """
 
 import dataclasses
-import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sagan_jax import checkpointing
+from sagan_jax import features
 from sagan_jax import inception
 from sagan_jax import metrics
-from sagan_jax import sampling
-from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
 
 # Each metric and the network it reads.
@@ -50,195 +41,6 @@ SCORE_METRIC = {'is_std': 'is', 'kid_std': 'kid', 'precision': 'precision_recall
 CLASSIFIER_FILE = 'classifier.npz'  # Looked for in the workdir when eval.classifier_path is unset.
 REFERENCE_HINT = ('python -m sagan_jax.reference_stats --config=<the training config> '
                   '--out=PATH')
-
-Outputs = Dict[str, Dict[str, jax.Array]]  # {net name: {'features': [B, D], 'logits': [B, K]}}
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureNet:
-  """A feature network: `apply_fn(variables, images)` maps images in [-1, 1] (NHWC, the data's
-  resolution and channels) to {'features': [B, feature_dim], 'logits': [B, K]}."""
-  name: str
-  apply_fn: Callable[[Any, jax.Array], Dict[str, jax.Array]]
-  variables: Any
-  feature_dim: int
-  description: Dict[str, Any]
-
-
-def inception_net(variables, path: str) -> FeatureNet:
-  """pytorch-fid's FID Inception: pool3 features and the logits without the fc bias (for IS)."""
-  model = inception.FIDInceptionV3()
-
-  def apply_fn(v, images):
-    out = model.apply(v, (images + 1.0) / 2.0)
-    return {'features': out['pool3'], 'logits': out['logits_unbiased']}
-
-  return FeatureNet('inception', apply_fn, variables, 2048,
-                    {'network': f'pytorch-fid FID Inception-v3 ({inception.PTH_NAME})',
-                     'weights': str(path)})
-
-
-def quantize(images: jax.Array) -> jax.Array:
-  """Rounds [-1, 1] images to the 256 levels of a uint8 image (as PNG files would store them)."""
-  return jnp.round(jnp.clip(images, -1.0, 1.0) * 127.5 + 127.5) / 127.5 - 1.0
-
-
-def padded_size(batch_size: int, mesh) -> int:
-  """`batch_size` rounded up to a multiple of the mesh's device count."""
-  devices = mesh.devices.size
-  return -(-batch_size // devices) * devices
-
-
-def eval_latents(rng: jax.Array, n: int, z_dim: int, num_classes: int, truncation: float):
-  """z (truncated when `truncation` > 0) and labels uniform over the classes."""
-  z_rng, y_rng = jax.random.split(rng)
-  z = sampling.latents(z_rng, n, z_dim, truncation)
-  return z, jax.random.randint(y_rng, (n,), 0, num_classes, jnp.int32)
-
-
-def _apply_nets(nets: Sequence[FeatureNet], net_variables, images) -> Outputs:
-  images = quantize(images)
-  return {net.name: net.apply_fn(v, images) for net, v in zip(nets, net_variables)}
-
-
-def create_sample_features_fn(generator, z_dim: int, nets: Sequence[FeatureNet], mesh,
-                              batch_size: int, truncation: float = 0.0
-                              ) -> Callable[..., Tuple[Any, Outputs]]:
-  """A compiled `fn(g_params, g_state, rng) -> (labels, outputs)` over one padded batch.
-
-  z and labels come from `eval_latents(rng, padded_size(batch_size), ...)`; the batch is sharded
-  over the mesh, everything else replicated; the networks' variables are arguments of the
-  compiled function, not constants in it.
-  """
-  size = padded_size(batch_size, mesh)
-  data, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
-
-  def fn(g_params, g_state, net_variables, rng):
-    z, labels = eval_latents(rng, size, z_dim, generator.num_classes, truncation)
-    z, labels = (jax.lax.with_sharding_constraint(x, data) for x in (z, labels))
-    images = generator.apply({'params': g_params, **g_state}, z, labels, train=False)
-    return labels, _apply_nets(nets, net_variables, images)
-
-  compiled = jax.jit(fn, in_shardings=replicated, out_shardings=replicated)
-  net_variables = jax.device_put(tuple(net.variables for net in nets), replicated)
-  return lambda g_params, g_state, rng: compiled(g_params, g_state, net_variables, rng)
-
-
-def create_features_fn(nets: Sequence[FeatureNet], mesh,
-                       batch_size: int = 1) -> Callable[[np.ndarray], Outputs]:
-  """`fn(images) -> outputs` for host images: padded, sharded over the mesh, cut back.
-
-  Batches are padded to padded_size(batch_size) (larger ones to their own padded size), so
-  batches of up to `batch_size` images share one compiled function.
-  """
-  data, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
-  compiled = jax.jit(lambda net_variables, images: _apply_nets(nets, net_variables, images),
-                     in_shardings=(replicated, data), out_shardings=replicated)
-  net_variables = jax.device_put(tuple(net.variables for net in nets), replicated)
-
-  def fn(images: np.ndarray) -> Outputs:
-    num = images.shape[0]
-    size = padded_size(max(num, batch_size), mesh)
-    padded = np.concatenate([images, np.zeros((size - num,) + images.shape[1:], images.dtype)])
-    outputs = jax.device_get(compiled(net_variables, padded))
-    return jax.tree.map(lambda x: x[:num], outputs)
-
-  return fn
-
-
-class FeatureSet:
-  """One network's outputs over a sample set, on the host: running statistics of the features
-  (with the first `keep` rows) and all logits (float32)."""
-
-  def __init__(self, keep: int, keep_logits: bool = True):
-    self.stats = metrics.RunningStatistics(keep)
-    self.keep_logits = keep_logits
-    self._logits: List[np.ndarray] = []
-
-  def update(self, outputs: Dict[str, np.ndarray]) -> None:
-    self.stats.update(outputs['features'])
-    if self.keep_logits:  # 50,000 x 1008 Inception logits are 200 MB.
-      self._logits.append(np.asarray(outputs['logits'], np.float32))
-
-  def logits(self) -> np.ndarray:
-    return np.concatenate(self._logits)
-
-
-def batch_counts(num: int, batch_size: int) -> Iterator[Tuple[int, int]]:
-  """(index, size) of the batches that make up `num` items; the last one may be smaller."""
-  for index in range(math.ceil(num / batch_size)):
-    yield index, min(batch_size, num - index * batch_size)
-
-
-def batch_key(rng: jax.Array, index: int) -> np.ndarray:
-  """fold_in(rng, index) as a host array: every process passes the same value to the compiled
-  functions (a replicated input)."""
-  return np.asarray(jax.random.fold_in(rng, index))
-
-
-def sample_features(sample_fn, g_params, g_state, num_samples: int, batch_size: int,
-                    rng: jax.Array, keep: int, keep_logits: Dict[str, bool]
-                    ) -> Tuple[Dict[str, FeatureSet], np.ndarray]:
-  """Runs `sample_fn` until `num_samples` samples; returns FeatureSets by net and the labels.
-
-  FeatureSets keep the first `keep` feature rows, and all logits of the nets `keep_logits` says.
-  Batch i draws its z and labels from batch_key(rng, i). The next batch is dispatched before the
-  current one is read, so the device does not wait for the host's statistics.
-  """
-  sets = {name: FeatureSet(keep, with_logits) for name, with_logits in keep_logits.items()}
-  labels = []
-  batches = list(batch_counts(num_samples, batch_size))
-  pending = sample_fn(g_params, g_state, batch_key(rng, 0))
-  for index, count in batches:
-    current = pending
-    if index + 1 < len(batches):
-      pending = sample_fn(g_params, g_state, batch_key(rng, index + 1))
-    batch_labels, outputs = jax.device_get(current)
-    labels.append(batch_labels[:count])
-    for name, out in outputs.items():
-      sets[name].update({k: v[:count] for k, v in out.items()})
-  return sets, np.concatenate(labels)
-
-
-# ----------------------------------------------------------------------------------------------
-# Standing statistics.
-
-
-def create_standing_stats_fn(generator, z_dim: int, mesh, batch_size: int,
-                             truncation: float = 0.0):
-  """A compiled `fn(g_params, g_state, rng) -> batch_stats` holding one batch's BN moments.
-
-  G runs in training mode with BN momentum 0, so its updated moving statistics are exactly the
-  batch moments; the spectral vectors it would update are dropped.
-  """
-  size = padded_size(batch_size, mesh)
-  data, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
-  moments_generator = generator.clone(bn_momentum=0.0)
-
-  def fn(g_params, g_state, rng):
-    z, labels = eval_latents(rng, size, z_dim, generator.num_classes, truncation)
-    z, labels = (jax.lax.with_sharding_constraint(x, data) for x in (z, labels))
-    _, updated = moments_generator.apply({'params': g_params, **g_state}, z, labels, train=True,
-                                         mutable=['batch_stats', 'spectral'])
-    return updated['batch_stats']
-
-  return jax.jit(fn, in_shardings=replicated, out_shardings=replicated)
-
-
-def standing_statistics(standing_fn, g_params, g_state, num_batches: int, rng: jax.Array):
-  """g_state with batch_stats = the mean over `num_batches` batches of their BN moments.
-
-  Batch i draws its z and labels from batch_key(rng, i) (see create_standing_stats_fn).
-  """
-  total = None
-  for index in range(num_batches):
-    moments = standing_fn(g_params, g_state, batch_key(rng, index))
-    total = moments if total is None else jax.tree.map(jnp.add, total, moments)
-  return {**g_state, 'batch_stats': jax.tree.map(lambda x: x / num_batches, total)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics from features.
 
 
 def check_reference(reference: metrics.Reference, source: str, feature_dim: int,
@@ -260,7 +62,7 @@ def check_reference(reference: metrics.Reference, source: str, feature_dim: int,
                       f'{resolution} px ({REFERENCE_HINT} --config.data.resolution={resolution})')
 
 
-def _frechet(fake: FeatureSet, reference: metrics.Reference) -> float:
+def _frechet(fake: features.FeatureSet, reference: metrics.Reference) -> float:
   return metrics.frechet_distance(*fake.stats.statistics(), reference.mu, reference.sigma)
 
 
@@ -273,8 +75,9 @@ def _needs_real_features(reference: metrics.Reference) -> Optional[str]:
 Scores = Dict[str, float]
 
 
-def compute_scores(metric_names: Sequence[str], sets: Dict[str, FeatureSet], labels: np.ndarray,
-                   references: Dict[str, metrics.Reference]) -> Tuple[Scores, Dict[str, str]]:
+def compute_scores(metric_names: Sequence[str], sets: Dict[str, features.FeatureSet],
+                   labels: np.ndarray, references: Dict[str, metrics.Reference]
+                   ) -> Tuple[Scores, Dict[str, str]]:
   """Scores of the metrics whose inputs are there; returns (scores, {metric: why skipped})."""
   scores, skipped = {}, {}
   for name in metric_names:
@@ -364,7 +167,7 @@ def _load_inception(settings: Settings, config):
   variables = inception.load_inception_or_none(settings.inception_path)
   if variables is None:
     return None, None
-  net = inception_net(variables, inception.inception_weights_path(settings.inception_path))
+  net = features.inception_net(variables, inception.inception_weights_path(settings.inception_path))
   if not any(m in settings.metrics for m in ('fid', 'kid', 'precision_recall')):
     return net, None
   if not settings.reference_stats:
@@ -385,18 +188,18 @@ class Evaluator:
   """
 
   def __init__(self, generator, z_dim: int, mesh, settings: Settings,
-               nets: Sequence[FeatureNet], references: Dict[str, metrics.Reference],
+               nets: Sequence[features.FeatureNet], references: Dict[str, metrics.Reference],
                skipped: Dict[str, str]):
     self.settings, self.nets, self.references = settings, list(nets), references
     self.skipped = dict(skipped)
     self.metric_names = [m for m in settings.metrics if m not in skipped]
     self._check_sample_counts()
-    self._sample_fn = create_sample_features_fn(generator, z_dim, self.nets, mesh,
-                                                settings.batch_size, settings.truncation)
+    self._sample_fn = features.create_sample_features_fn(generator, z_dim, self.nets, mesh,
+                                                         settings.batch_size, settings.truncation)
     self._standing_fn = None
     if settings.standing_stats:
-      self._standing_fn = create_standing_stats_fn(generator, z_dim, mesh, settings.batch_size,
-                                                   settings.truncation)
+      self._standing_fn = features.create_standing_stats_fn(
+          generator, z_dim, mesh, settings.batch_size, settings.truncation)
 
   def _check_sample_counts(self) -> None:
     num = self.settings.num_samples
@@ -419,15 +222,15 @@ class Evaluator:
     settings = self.settings
     rng = jax.random.PRNGKey(settings.seed)
     if self._standing_fn is not None:
-      g_state = standing_statistics(self._standing_fn, g_params, g_state,
-                                    settings.standing_stats, jax.random.fold_in(rng, 1))
+      g_state = features.standing_statistics(self._standing_fn, g_params, g_state,
+                                             settings.standing_stats, jax.random.fold_in(rng, 1))
     # Real features for KID and precision/recall; logits for IS and class_accuracy only.
     keep = metrics.REFERENCE_FEATURES_KEPT if {'kid', 'precision_recall'} & set(
         self.metric_names) else 0
     with_logits = {METRICS[m] for m in ('is', 'class_accuracy') if m in self.metric_names}
-    sets, labels = sample_features(self._sample_fn, g_params, g_state, settings.num_samples,
-                                   settings.batch_size, jax.random.fold_in(rng, 0), keep,
-                                   {net.name: net.name in with_logits for net in self.nets})
+    sets, labels = features.sample_features(
+        self._sample_fn, g_params, g_state, settings.num_samples, settings.batch_size,
+        jax.random.fold_in(rng, 0), keep, {net.name: net.name in with_logits for net in self.nets})
     scores, skipped = compute_scores(self.metric_names, sets, labels, self.references)
     for name, reason in skipped.items():
       logging.warning('%s skipped: %s', name, reason)
@@ -472,15 +275,6 @@ def create_evaluator(config, generator, mesh, settings: Settings,
       nets.append(net)
       references['classifier'] = reference
   return Evaluator(generator, config.model.z_dim, mesh, settings, nets, references, skipped)
-
-
-def setup_cli_logging() -> None:
-  """INFO logs to stderr for the CLIs, without orbax's and clu's INFO lines (dozens per restore)."""
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno > logging.converter.STANDARD_INFO or not any(
-          part in record.pathname for part in ('/orbax/', '/clu/')))
 
 
 def format_scores(scores: Dict[str, float]) -> str:
@@ -533,23 +327,3 @@ class BestCheckpoint:
       logging.info('New best checkpoint: %s=%.6g at step %d (%s)', self.metric,
                    scores[self.metric], step, self.manager.directory)
     return better
-
-
-def parse_config_cli(fv, argv, doc: str):
-  """Parses `argv` into `fv` (flags --config and --out among them); one ConfigError per mistake.
-
-  Shared by the CLIs that take a training config: the classifier and reference_stats.
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if any(arg in ('-h', '--help') for arg in argv[1:]):
-    print(f'{doc}\nflags:\n{fv.get_help()}')
-    raise SystemExit(0)
-  try:
-    fv(list(argv))
-  except flags.Error as e:
-    raise ConfigError(f'{e}: see --help') from e
-  except (AttributeError, KeyError) as e:  # A --config.FIELD override of no field.
-    raise ConfigError(f'the config has no field {e}: see configs/default.py') from e
-  if fv.config is None or not fv.out:
-    raise ConfigError('pass --config=configs/<data set>.py and --out=PATH')
-  return fv

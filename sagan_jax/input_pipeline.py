@@ -306,7 +306,12 @@ class TrainIterator:
     return self
 
   def _open_epoch(self, front: int):
-    """The epoch's batches of `unit` examples; the first starts with `front` placeholders."""
+    """The epoch's batches of `unit` examples, aligned so the first one holds `unit - front`.
+
+    The previous epoch's last `front` examples complete that first batch on the host. To keep
+    tf.data's batching (and its prefetch) instead of re-slicing every batch on the host, `front`
+    blank fillers go ahead of the epoch's records; `_next_part` cuts them off.
+    """
     data_config, base_seed = self._config, self._base_seed
 
     @tf.autograph.experimental.do_not_convert
@@ -322,9 +327,9 @@ class TrainIterator:
     ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if front:
       res, channels = data_config.resolution, data_config.channels
-      placeholder = {'image': tf.zeros((res, res, channels)), 'label': tf.constant(0, tf.int32),
-                     'pos': tf.constant(-1, tf.int64)}
-      ds = tf.data.Dataset.from_tensors(placeholder).repeat(front).concatenate(ds)
+      filler = {'image': tf.zeros((res, res, channels)), 'label': tf.constant(0, tf.int32),
+                'pos': tf.constant(-1, tf.int64)}
+      ds = tf.data.Dataset.from_tensors(filler).repeat(front).concatenate(ds)
     return ds.batch(self._unit).prefetch(2).as_numpy_iterator()
 
   def _next_part(self, count: int):

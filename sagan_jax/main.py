@@ -4,7 +4,6 @@ Config fields are overridden on the command line (`--config.model.ch=96`). Train
 WORKDIR's newest checkpoint. A wrong setting ends with one line naming the fix (exit code 2).
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -12,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sagan_jax import cli
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
 
@@ -28,18 +28,10 @@ flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Drops INFO lines of orbax and clu (dozens per checkpoint); warnings and errors stay."""
-
-  def filter(self, record) -> bool:
-    return record.levelno > std_logging.INFO or not any(
-        part in record.pathname for part in ('/orbax/', '/clu/'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(cli.quiet_libraries)
   from sagan_jax import distributed
   from sagan_jax import train_loop
   try:

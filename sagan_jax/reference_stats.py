@@ -20,10 +20,10 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
-from sagan_jax import evaluation
+from sagan_jax import cli
+from sagan_jax import features
 from sagan_jax import inception
 from sagan_jax import metrics
 from sagan_jax import sharding
@@ -62,7 +62,7 @@ def real_image_batches(config, num_images: Optional[int], batch_size: int,
       yield {k: v[0] for k, v in next(iterator).items()}
 
   def finite():
-    for _, num in evaluation.batch_counts(count, batch_size):
+    for _, num in features.batch_counts(count, batch_size):
       yield {k: v[0, :num] for k, v in next(iterator).items()}
 
   return count, endless() if num_images is None else finite()
@@ -70,20 +70,20 @@ def real_image_batches(config, num_images: Optional[int], batch_size: int,
 
 def real_features(config, features_fn, num_images: int, batch_size: int,
                   keep: int = metrics.REFERENCE_FEATURES_KEPT, split: Optional[str] = None
-                  ) -> Tuple[int, Dict[str, evaluation.FeatureSet]]:
+                  ) -> Tuple[int, Dict[str, features.FeatureSet]]:
   """FeatureSets (by network) of up to `num_images` real images of the configured data, flips
-  off; `features_fn` is one of evaluation.create_features_fn."""
+  off; `features_fn` is one of features.create_features_fn."""
   count, batches = real_image_batches(config, num_images, batch_size, split)
   sets = {}
   for batch in batches:
     for name, out in features_fn(batch['image']).items():
-      sets.setdefault(name, evaluation.FeatureSet(keep)).update(out)
+      sets.setdefault(name, features.FeatureSet(keep)).update(out)
   return count, sets
 
 
 def compute_reference_stats(config, out: str, num_images: int = 50_000, batch_size: int = 256,
                             inception_path: Optional[str] = None,
-                            net: Optional[evaluation.FeatureNet] = None) -> Dict[str, Any]:
+                            net: Optional[features.FeatureNet] = None) -> Dict[str, Any]:
   """Writes the reference .npz of the module doc to `out`; returns its info.
 
   `net` replaces the FID Inception (whose weights must otherwise exist: ConfigError if not).
@@ -92,13 +92,13 @@ def compute_reference_stats(config, out: str, num_images: int = 50_000, batch_si
     path = inception.inception_weights_path(inception_path or config.eval.get('inception_path'))
     if path is None:
       raise ConfigError(inception.missing_weights_message(None))
-    net = evaluation.inception_net(inception.load_variables(path), path)
+    net = features.inception_net(inception.load_variables(path), path)
   if num_images <= net.feature_dim:
     raise ConfigError(f'--num_images={num_images}: the covariance of {net.feature_dim}-d features '
                       f'needs more images than that (at least {net.feature_dim + 1}; 50,000 is '
                       'the standard)')
   mesh = sharding.create_mesh(jax.local_devices())
-  features_fn = evaluation.create_features_fn([net], mesh, batch_size)
+  features_fn = features.create_features_fn([net], mesh, batch_size)
   count, sets = real_features(config, features_fn, num_images, batch_size)
   if count < num_images:
     logging.warning('%s/%s holds %d images, fewer than --num_images=%d: used all of them',
@@ -112,23 +112,20 @@ def compute_reference_stats(config, out: str, num_images: int = 50_000, batch_si
 
 
 def _parse(argv: Sequence[str]) -> flags.FlagValues:
-  """This CLI's flags on their own FlagValues (other CLIs define flags of the same names)."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'The training config (its data section).',
-                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string('out', None, 'Output .npz (local or gs://).', flag_values=fv)
+  """This CLI's flags: --config and --out (cli.config_flag_values) and its own."""
+  fv = cli.config_flag_values(argv)
   flags.DEFINE_integer('num_images', 50_000, 'Training images to read (at most the split).',
                        flag_values=fv)
   flags.DEFINE_integer('batch_size', 256, 'Images per batch over all devices.',
                        flag_values=fv)
   flags.DEFINE_string('inception_path', None, 'FID Inception weights (.pth or converted .npz); '
                       f'default: eval.inception_path, then ${inception.ENV_VAR}.', flag_values=fv)
-  return evaluation.parse_config_cli(fv, argv, __doc__)
+  return cli.parse_config_cli(fv, argv, __doc__)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv if argv is None else argv
-  evaluation.setup_cli_logging()
+  cli.setup_cli_logging()
   try:
     fv = _parse(argv)
     info = compute_reference_stats(fv.config, fv.out, fv.num_images, fv.batch_size,

@@ -21,6 +21,7 @@ from sagan_jax import checkpointing
 from sagan_jax import classifier
 from sagan_jax import evaluate
 from sagan_jax import evaluation
+from sagan_jax import features
 from sagan_jax import inception
 from sagan_jax import layers
 from sagan_jax import metrics
@@ -113,9 +114,9 @@ def create_direct_fn(config, net, padded):
 
   @jax.jit
   def run(params, g_state, variables, rng):
-    z, labels = evaluation.eval_latents(rng, padded, config.model.z_dim, 10, 0.0)
+    z, labels = features.eval_latents(rng, padded, config.model.z_dim, 10, 0.0)
     images = generator.apply({'params': params, **g_state}, z, labels, train=False)
-    return labels, net.apply_fn(variables, evaluation.quantize(images))
+    return labels, net.apply_fn(variables, features.quantize(images))
 
   def fn(params, g_state, rng, count):
     inputs = jax.device_put(jax.device_get((params, g_state, net.variables, rng)),
@@ -135,10 +136,10 @@ def test_classifier_learns_the_classes_and_its_reference_is_all_training_images(
   net, reference = classifier.load_feature_net(path)
   assert net.feature_dim == 128 and reference.info['num_images'] == NUM_TRAIN
   # The reference is every training image once (no flips, no repeats): numpy on all of them.
-  features = np.asarray(net.apply_fn(net.variables, padded_real(square_images(NUM_TRAIN, 0)[0]))
-                        ['features'], np.float64)
-  np.testing.assert_allclose(reference.mu, features.mean(0), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(reference.sigma, np.cov(features.T), rtol=1e-3,
+  real = np.asarray(net.apply_fn(net.variables, padded_real(square_images(NUM_TRAIN, 0)[0]))
+                    ['features'], np.float64)
+  np.testing.assert_allclose(reference.mu, real.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(reference.sigma, np.cov(real.T), rtol=1e-3,
                              atol=1e-4 * np.abs(reference.sigma).max())
   assert reference.features.shape == (NUM_TRAIN, 128)
   other = tiny_config()
@@ -152,7 +153,7 @@ def test_fd_classifier_of_real_images_against_their_reference_is_about_zero(clas
   sets = {}
   for name, (images, _) in (('train', square_images(NUM_TRAIN, 0)),
                             ('test', square_images(NUM_TEST, 1))):
-    sets[name] = evaluation.FeatureSet(keep=0)
+    sets[name] = features.FeatureSet(keep=0)
     sets[name].update(jax.device_get(net.apply_fn(net.variables, padded_real(images))))
   same = evaluation.compute_scores(['fd_classifier'], {'classifier': sets['train']}, None,
                                    {'classifier': reference})[0]['fd_classifier']
@@ -185,15 +186,15 @@ def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
   # The same numbers without the mesh: 60 per batch (padded to 64 on 8 devices), 30 in the last.
   net, reference = classifier.load_feature_net(classifier_file[0])
   rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
-  labels, features, logits = [], [], []
+  labels, embeddings, logits = [], [], []
   direct_fn = create_direct_fn(config, net, 64)
   for index, count in ((0, 60), (1, 60), (2, 30)):
     y, out = direct_fn(state.ema_g_params, state.g_state, jax.random.fold_in(rng, index), count)
     labels.append(y)
-    features.append(out['features'])
+    embeddings.append(out['features'])
     logits.append(out['logits'])
-  features, logits = np.concatenate(features), np.concatenate(logits)
-  expected_fd = metrics.frechet_distance(features.mean(0), np.cov(np.float64(features).T),
+  embeddings, logits = np.concatenate(embeddings), np.concatenate(logits)
+  expected_fd = metrics.frechet_distance(embeddings.mean(0), np.cov(np.float64(embeddings).T),
                                          reference.mu, reference.sigma)
   assert result['scores']['fd_classifier'] == pytest.approx(expected_fd, rel=1e-3)
   assert result['scores']['class_accuracy'] == pytest.approx(
@@ -227,9 +228,9 @@ def test_inception_features_of_the_sharded_path_match_pytorch_fid(config, mesh):
         'pool3', 'logits_unbiased')}
   variables = inception.variables_from_torch(
       tool.seeded_state_dict(inception.torch_layout(), tool.SEED), 'seeded')
-  net = evaluation.inception_net(variables, 'seeded')
+  net = features.inception_net(variables, 'seeded')
   # Inception is slow on CPUs: 1 image, padded to 2 devices and cut back.
-  features_fn = evaluation.create_features_fn([net], sharding.create_mesh(jax.devices()[:2]))
+  features_fn = features.create_features_fn([net], sharding.create_mesh(jax.devices()[:2]))
   out = features_fn(images * 2.0 - 1.0)['inception']
   assert out['features'].shape == (1, 2048) and out['logits'].shape == (1, 1008)
   # The fixture's pixels are not on 8-bit levels: rounding them moves the outputs by 3.5e-4 of
@@ -248,12 +249,12 @@ def test_inception_features_of_the_sharded_path_match_pytorch_fid(config, mesh):
 def test_reference_statistics_of_another_resolution_or_feature_size_are_refused(tmp_path):
   path = str(tmp_path / 'ref.npz')
   rng = np.random.default_rng(0)
-  features = rng.standard_normal((40, 16))
-  metrics.save_reference(path, features.mean(0), np.cov(features.T), features, resolution=64,
+  vectors = rng.standard_normal((40, 16))
+  metrics.save_reference(path, vectors.mean(0), np.cov(vectors.T), vectors, resolution=64,
                          channels=3)
   reference = metrics.load_reference(path)
   assert reference.info['resolution'] == 64 and reference.info['feature_dim'] == 16
-  np.testing.assert_allclose(reference.features, features.astype(np.float32))
+  np.testing.assert_allclose(reference.features, vectors.astype(np.float32))
   with np.load(path) as npz:  # Plain numpy readers see the essentials too.
     assert int(npz['resolution']) == 64 and npz['mu'].shape == (16,)
   with pytest.raises(ConfigError, match=r'computed at 64x64 px but the generator makes 128x128'):
@@ -270,24 +271,24 @@ class _Projection(nn.Module):
   @nn.compact
   def __call__(self, images):
     flat = images.reshape(images.shape[0], -1)
-    features = flat @ self.param('w', nn.initializers.normal(0.05), (flat.shape[1], 16))
-    return {'features': features, 'logits': features[:, :4]}
+    projected = flat @ self.param('w', nn.initializers.normal(0.05), (flat.shape[1], 16))
+    return {'features': projected, 'logits': projected[:, :4]}
 
 
 def test_reference_stats_cover_the_training_images_and_the_cli_needs_weights(
     config, tmp_path, monkeypatch, capsys):
   model = _Projection()
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
-  net = evaluation.FeatureNet('tiny', model.apply, variables, 16, {'network': 'projection'})
+  net = features.FeatureNet('tiny', model.apply, variables, 16, {'network': 'projection'})
   out = str(tmp_path / 'ref.npz')
   info = reference_stats.compute_reference_stats(config, out, num_images=1000, batch_size=64,
                                                  net=net)
   assert info['num_images'] == NUM_TRAIN  # All of them, once each.
   reference = metrics.load_reference(out)
-  features = np.asarray(model.apply(variables, padded_real(square_images(NUM_TRAIN, 0)[0]))
-                        ['features'], np.float64)
-  np.testing.assert_allclose(reference.mu, features.mean(0), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(reference.sigma, np.cov(features.T), rtol=1e-4, atol=1e-6)
+  real = np.asarray(model.apply(variables, padded_real(square_images(NUM_TRAIN, 0)[0]))
+                    ['features'], np.float64)
+  np.testing.assert_allclose(reference.mu, real.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(reference.sigma, np.cov(real.T), rtol=1e-4, atol=1e-6)
   assert reference.info['resolution'] == 32 and reference.features.shape == (NUM_TRAIN, 16)
   with pytest.raises(ConfigError, match='needs more images than that'):
     reference_stats.compute_reference_stats(config, out, num_images=16, net=net)
@@ -322,17 +323,16 @@ def create_bn_inputs_fn(generator):
 
 def test_standing_statistics_are_the_mean_of_batch_moments(config, state, mesh):
   generator = models.create_generator(config)
-  standing_fn = evaluation.create_standing_stats_fn(generator, config.model.z_dim, mesh,
-                                                    batch_size=12)
+  standing_fn = features.create_standing_stats_fn(generator, config.model.z_dim, mesh,
+                                                  batch_size=12)
   rng = jax.random.PRNGKey(9)
   params, g_state = jax.device_get(state.ema_g_params), jax.device_get(state.g_state)
-  new_state = jax.device_get(evaluation.standing_statistics(standing_fn, params, g_state, 3,
-                                                            rng))
+  new_state = jax.device_get(features.standing_statistics(standing_fn, params, g_state, 3, rng))
   sums = {}
   bn_inputs_fn = create_bn_inputs_fn(generator)
   for index in range(3):
-    z, labels = evaluation.eval_latents(jax.random.fold_in(rng, index), 16, config.model.z_dim,
-                                        10, 0.0)
+    z, labels = features.eval_latents(jax.random.fold_in(rng, index), 16, config.model.z_dim,
+                                      10, 0.0)
     for name, x in jax.device_get(bn_inputs_fn(params, g_state, z, labels)).items():
       x = np.asarray(x, np.float64)
       moments = np.stack([x.mean((0, 1, 2)), x.var((0, 1, 2))])
