@@ -30,6 +30,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from sagan_jax import distributed
 from sagan_jax import models
 from sagan_jax import sharding
 from sagan_jax import train
@@ -249,6 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv if argv is None else argv
   try:
     fv = _parse(argv)
+    distributed.set_cpu_devices(fv.config.get('cpu_devices', 0))
     results = run_benchmark(fv.config, fv.steps, fv.warmup, fv.peak_tflops, fv.phases)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)

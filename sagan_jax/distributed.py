@@ -28,6 +28,36 @@ def _in_slurm_job_step() -> bool:
   return 'SLURM_STEP_NODELIST' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1
 
 
+def set_cpu_devices(count: int) -> None:
+  """Splits the host's CPU into `count` JAX devices (config.cpu_devices), before JAX starts.
+
+  XLA's CPU backend runs one small step on one device with little parallelism inside it; as
+  several devices, the batch is split over them and the cores run the parts side by side (the
+  Fashion-MNIST demo's step runs 1.6x faster as 2 devices on 2 cores: README). It only changes the
+  CPU backend: on GPU and TPU machines jax.devices() are the accelerators and this does nothing.
+
+  Args:
+    count: CPU devices to create; 0 leaves jax's default (one device, or the count that XLA_FLAGS'
+      --xla_force_host_platform_device_count asks for, which takes precedence).
+  """
+  if count < 0:
+    raise ConfigError(f'config.cpu_devices={count}: use 0 (jax default) or a positive count')
+  if not count:
+    return
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    logging.info('config.cpu_devices=%d not applied: XLA_FLAGS sets the host device count', count)
+    return
+  if jax.config.jax_num_cpu_devices == count:
+    return
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    logging.warning('config.cpu_devices=%d not applied: JAX started before the config was read '
+                    '(this process keeps its %d CPU device(s))', count,
+                    len(jax.devices('cpu')))
+    return
+  jax.config.update('jax_num_cpu_devices', count)
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, mode: str = 'auto') -> None:
   """Joins the processes of a run into one JAX system (no-op for a single process).

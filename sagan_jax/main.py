@@ -35,6 +35,7 @@ def main(argv):
   from sagan_jax import distributed
   from sagan_jax import train_loop
   try:
+    distributed.set_cpu_devices(FLAGS.config.get('cpu_devices', 0))
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            mode=FLAGS.distributed)
     train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)

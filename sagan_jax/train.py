@@ -32,6 +32,28 @@ def create_optimizers(train_config) -> Tuple[optax.GradientTransformation, ...]:
   return _adam(train_config.g_lr, *hyper), _adam(train_config.d_lr, *hyper)
 
 
+def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
+  """The learning-rate factor of a G step (train.lr_decay_start_step), or None when constant.
+
+  From step `lr_decay_start_step` (G steps) on, both learning rates fall linearly to reach zero at
+  `num_steps` (the last step still moves by 1 / (num_steps - start) of the full rate). Before it,
+  and with 0 (the paper, the default), the rates are constant. The D steps of a G step share its
+  factor. Scaling Adam's update is scaling its learning rate, so the optimizer states are the
+  same with and without decay: a run can turn it on when resumed.
+  """
+  start, num_steps = train_config.get('lr_decay_start_step', 0), train_config.num_steps
+  if start < 0:
+    raise ConfigError(f'train.lr_decay_start_step={start}: use 0 (constant learning rates) or the '
+                      f'G step at which the decay to zero at train.num_steps={num_steps} begins')
+  if not start or start >= num_steps:
+    return None
+
+  def scale(step: jax.Array) -> jax.Array:
+    return jnp.clip((num_steps - step) / (num_steps - start), 0.0, 1.0).astype(jnp.float32)
+
+  return scale
+
+
 def sample_latents(rng: jax.Array, batch_size: int, z_dim: int, num_classes: int):
   """z ~ N(0, I) and fake labels uniform over the classes."""
   z_rng, y_rng = jax.random.split(rng)
@@ -162,6 +184,12 @@ def create_train_step(config, generator: models.Generator, discriminator: models
   if mesh is not None:
     sharding.check_batch_size(train_config.batch_size, mesh, num_micro)
   g_mutable = ['batch_stats', SPECTRAL]
+  lr_scale = lr_scale_fn(train_config)
+
+  def scaled(updates, step):
+    if lr_scale is None:
+      return updates
+    return jax.tree.map(lambda u: u * lr_scale(step), updates)
 
   def constrain(x, spec_fn=sharding.data_sharding):
     if mesh is None:
@@ -195,6 +223,7 @@ def create_train_step(config, generator: models.Generator, discriminator: models
     (loss, aux), grads = accumulate_gradients(loss_fn, state.d_params, examples, num_micro,
                                               constrain_micro)
     updates, d_opt_state = state.d_tx.update(grads, state.d_opt_state, state.d_params)
+    updates = scaled(updates, state.step)
     state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
                           d_state=dict(aux['state']), d_opt_state=d_opt_state)
     metrics = {'train/d_loss': loss, 'train/d_real': aux['real'], 'train/d_fake': aux['fake'],
@@ -214,6 +243,7 @@ def create_train_step(config, generator: models.Generator, discriminator: models
     (loss, g_state), grads = accumulate_gradients(
         loss_fn, state.g_params, {'z': z, 'label': labels}, num_micro, constrain_micro)
     updates, g_opt_state = state.g_tx.update(grads, state.g_opt_state, state.g_params)
+    updates = scaled(updates, state.step)
     g_params = optax.apply_updates(state.g_params, updates)
     # Before ema_start_step the EMA tracks G exactly (decay 0).
     decay = jnp.where(state.step >= train_config.ema_start_step, train_config.ema_decay, 0.0)
@@ -240,6 +270,8 @@ def create_train_step(config, generator: models.Generator, discriminator: models
         (metrics, state.g_params, state.d_params))]
     all_finite = jnp.all(jnp.stack(finite))
     metrics['train/all_finite'] = all_finite
+    if lr_scale is not None:
+      metrics['train/lr_scale'] = lr_scale(start_state.step)
     if skip_nonfinite:  # Keep the state from before the step: the batch is skipped.
       state = jax.tree.map(lambda new, old: jnp.where(all_finite, new, old), state, start_state)
     return state.replace(step=state.step + 1), metrics

@@ -25,7 +25,7 @@ runpy.run_module('sagan_jax.benchmark', run_name='__main__')
 
 @pytest.fixture(scope='module')
 def cli_run(tmp_path_factory):
-  """The CLI on a tiny config (1 CPU device): the D phase alone (the cheapest compile; the phases
+  """The CLI on a tiny config (2 CPU devices: the demo config's cpu_devices): the D phase alone (the cheapest compile; the phases
   differ only in what create_train_step runs), 2 micro-batches, 1 timed step."""
   json_path = str(tmp_path_factory.mktemp('benchmark') / 'bench.json')
   args = ['--config=configs/fashion_mnist.py', '--config.train.batch_size=4',
@@ -42,7 +42,9 @@ def cli_run(tmp_path_factory):
 
 def test_cli_prints_and_writes_positive_numbers(cli_run):
   stdout, results = cli_run
-  assert results['num_devices'] == 1 and results['platform'] == 'cpu'
+  # XLA_FLAGS is empty here, so the config's cpu_devices = 2 splits the CPU.
+  assert results['num_devices'] == 2 and results['platform'] == 'cpu'
+  assert stdout.startswith('2 x cpu (cpu), 1 process(es)')
   assert results['peak_memory_bytes'] is None and 'peak device memory: n/a' in stdout
   assert set(results['phases']) == {'d_step'}
   d_step = results['phases']['d_step']

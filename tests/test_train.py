@@ -316,3 +316,55 @@ def test_bfloat16_step_is_close_to_float32_step(bfloat16_step, setup):
     assert cosine >= min_cosine, (name, cosine)
   chex.assert_trees_all_close(state16.g_state['batch_stats'], state32.g_state['batch_stats'],
                               atol=1e-3)
+
+
+def test_lr_scale_falls_linearly_to_zero_at_the_last_step():
+  config = tiny_config()
+  config.train.num_steps = 10
+  assert train.lr_scale_fn(config.train) is None  # 0: constant rates (the paper).
+  config.train.lr_decay_start_step = 10
+  assert train.lr_scale_fn(config.train) is None  # Starts after the last step.
+  config.train.lr_decay_start_step = 6
+  scale = train.lr_scale_fn(config.train)
+  np.testing.assert_allclose([float(scale(jnp.int32(s))) for s in (0, 5, 6, 7, 8, 9)],
+                             [1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
+  config.train.lr_decay_start_step = -1
+  with pytest.raises(ConfigError, match='lr_decay_start_step=-1: use 0'):
+    train.lr_scale_fn(config.train)
+
+
+def test_lr_decay_scales_both_updates_and_keeps_optimizer_states(setup):
+  """At step 3 of 4 with the decay from step 2, D and G move half as far as without it."""
+  config = copy.deepcopy(setup['config'])
+  config.train.num_steps, config.train.lr_decay_start_step = 4, 2
+  generator, discriminator, mesh = setup['generator'], setup['discriminator'], setup['mesh1']
+
+  def compile_step(step_config, phases=('d', 'g')):
+    return train.compile_train_step(
+        train.create_train_step(step_config, generator, discriminator, mesh, phases), mesh)
+
+  state0 = setup['state0']
+  start = state0.replace(step=np.asarray(3, state0.step.dtype))
+  batch = sharding.make_global_batch(setup['batch'], mesh)
+
+  def run(step):
+    return jax.device_get(step(jax.device_put(start, sharding.replicated(mesh)), batch))
+
+  def moved(state, name):
+    return jax.tree.map(lambda new, old: new - old, getattr(state, name), getattr(start, name))
+
+  # The whole step: D's update is halved, its Adam moments (same gradients) are unchanged.
+  (full, full_metrics), (half, half_metrics) = run(setup['step1']), run(compile_step(config))
+  assert float(half_metrics['train/lr_scale']) == 0.5
+  assert 'train/lr_scale' not in full_metrics
+  chex.assert_trees_all_close(moved(half, 'd_params'),
+                              jax.tree.map(lambda m: 0.5 * m, moved(full, 'd_params')),
+                              atol=1e-7, rtol=1e-5)  # Float32 ulps of the weights.
+  chex.assert_trees_all_close(half.d_opt_state, full.d_opt_state, rtol=1e-6)
+  # G alone (in the whole step G's gradient also sees the halved D update).
+  full, _ = run(compile_step(setup['config'], ('g',)))
+  half, _ = run(compile_step(config, ('g',)))
+  chex.assert_trees_all_close(moved(half, 'g_params'),
+                              jax.tree.map(lambda m: 0.5 * m, moved(full, 'g_params')),
+                              atol=1e-7, rtol=1e-5)  # Float32 ulps of the weights.
+  chex.assert_trees_all_close(half.g_opt_state, full.g_opt_state, rtol=1e-6)
