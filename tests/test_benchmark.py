@@ -25,8 +25,9 @@ runpy.run_module('sagan_jax.benchmark', run_name='__main__')
 
 @pytest.fixture(scope='module')
 def cli_run(tmp_path_factory):
-  """The CLI on a tiny config (2 CPU devices: the demo config's cpu_devices): the D phase alone (the cheapest compile; the phases
-  differ only in what create_train_step runs), 2 micro-batches, 1 timed step."""
+  """The CLI on a tiny config (2 CPU devices: the demo config's cpu_devices): the D phase alone
+  (the cheapest compile; the phases differ only in what create_train_step runs), 2 micro-batches,
+  1 timed step."""
   json_path = str(tmp_path_factory.mktemp('benchmark') / 'bench.json')
   args = ['--config=configs/fashion_mnist.py', '--config.train.batch_size=4',
           '--config.train.grad_accum_steps=2', '--config.model.g_attention=()',
