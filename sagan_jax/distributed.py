@@ -49,13 +49,12 @@ def set_cpu_devices(count: int) -> None:
     return
   if jax.config.jax_num_cpu_devices == count:
     return
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:  # jax refuses once its backends are up.
     logging.warning('config.cpu_devices=%d not applied: JAX started before the config was read '
                     '(this process keeps its %d CPU device(s))', count,
                     len(jax.devices('cpu')))
-    return
-  jax.config.update('jax_num_cpu_devices', count)
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
