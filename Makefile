@@ -8,8 +8,13 @@ DEMO_WORKDIR ?= runs/fashion_mnist
 
 .PHONY: setup shellcheck test demo fashion-mnist lint clean
 
-# A venv with the pinned requirements, the test tools and this package (editable).
+# A venv with the pinned requirements, the test tools and this package (editable). jax 0.10.2
+# needs Python 3.11 or newer: `make PYTHON=python3.12 ...` picks another interpreter.
 $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: sagan_jax needs Python 3.11 or newer; PYTHON=$(PYTHON) is missing or older." \
+	    "Install it (Debian/Ubuntu: apt-get install python3.11 python3.11-venv) and run" \
+	    "make $(MAKECMDGOALS) PYTHON=python3.11" >&2; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt

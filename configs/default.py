@@ -8,7 +8,7 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Returns the SAGAN ImageNet-128 recipe (REFERENCE.md)."""
+  """Returns the SAGAN ImageNet-128 recipe (docs/recipe.md)."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameters, latents and the data order.
 
@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   # preemption that gives no warning loses at most this much time.
   config.checkpoint_every_minutes = 30.0
   config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
+  # A profiler trace of this many steps from `profile_first_step` on, in WORKDIR/plugins/profile
+  # (TensorBoard's Profile tab; process 0). 0: no trace.
+  config.profile_num_steps = 0  # Steps in the trace (0: no trace).
+  config.profile_first_step = 10  # The trace starts at this step (after the first compile).
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_rows = 10  # Rows of sample grids: one class each (classes spread over all labels).

@@ -1,4 +1,4 @@
-"""SAGAN on ImageNet 128x128: the paper's recipe (REFERENCE.md), the defaults of default.py.
+"""SAGAN on ImageNet 128x128: the paper's recipe (docs/recipe.md), the defaults of default.py.
 
   python -m sagan_jax.main --config=configs/imagenet.py --workdir=gs://BUCKET/sagan128
   python -m sagan_jax.main --config=configs/imagenet.py:32 ...  (the official code's 32x32 wiring)

@@ -27,9 +27,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 
+from sagan_jax import cli
+from sagan_jax import config_check
 from sagan_jax import distributed
 from sagan_jax import models
 from sagan_jax import sharding
@@ -224,11 +225,7 @@ def format_report(results: Dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _parse(argv: Sequence[str]) -> flags.FlagValues:
-  """This CLI's flags on their own FlagValues (other CLIs define flags of the same names)."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'Training config file.', flag_values=fv,
-                                  lock_config=True, sys_argv=list(argv))
+def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('steps', 10, 'Timed steps per phase.', flag_values=fv)
   flags.DEFINE_integer('warmup', 2, 'Untimed steps per phase after compiling.', flag_values=fv)
   flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s of one device for MFU (default: known '
@@ -237,29 +234,22 @@ def _parse(argv: Sequence[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_list('phases', [name for name, _ in PHASES], 'Phases to compile and time.',
                     flag_values=fv)
-  try:
-    fv(list(argv))
-  except (flags.Error, AttributeError, KeyError) as e:
-    raise ConfigError(f'bad flags ({e}): see the module docstring') from e
-  if fv.config is None:
-    raise ConfigError('pass --config=configs/<name>.py')
-  return fv
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = sys.argv if argv is None else argv
-  try:
-    fv = _parse(argv)
-    distributed.set_cpu_devices(fv.config.get('cpu_devices', 0))
-    results = run_benchmark(fv.config, fv.steps, fv.warmup, fv.peak_tflops, fv.phases)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def benchmark(fv: flags.FlagValues) -> int:
+  """The tool: checks the config, times the phases, prints the table (and writes the JSON)."""
+  distributed.set_cpu_devices(fv.config.get('cpu_devices', 0))
+  config_check.check_config(fv.config)
+  results = run_benchmark(fv.config, fv.steps, fv.warmup, fv.peak_tflops, fv.phases)
   print(format_report(results))
   if fv.json_out:
     with open(fv.json_out, 'w') as f:
       json.dump(results, f, indent=2)
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run_tool(__doc__, define_flags, benchmark, argv, takes_config=True)
 
 
 if __name__ == '__main__':

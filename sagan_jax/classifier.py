@@ -27,6 +27,7 @@ import io
 import json
 import sys
 import time
+import zipfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
@@ -39,6 +40,7 @@ import numpy as np
 import optax
 
 from sagan_jax import cli
+from sagan_jax import config_check
 from sagan_jax import features
 from sagan_jax import metrics
 from sagan_jax import reference_stats
@@ -175,7 +177,7 @@ def load_feature_net(path: str) -> Tuple[features.FeatureNet, metrics.Reference]
                                     json.loads(str(npz['reference/info'])))
     model = Classifier(metadata['num_classes'], tuple(metadata['widths']),
                        metadata['feature_dim'])
-  except (OSError, ValueError, KeyError, EOFError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ConfigError(f'{path} is not a classifier file of `python -m sagan_jax.classifier` '
                       f'({type(e).__name__}: {e}): train it again') from e
   apply_fn = lambda variables, images: model.apply(variables, images)
@@ -248,11 +250,10 @@ def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int
   return metadata
 
 
-def _parse(argv: Sequence[str]) -> flags.FlagValues:
-  """This CLI's flags: --config and --out (cli.config_flag_values) and its own."""
-  fv = cli.config_flag_values(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('out', None, 'Output .npz (local or gs://).', flag_values=fv)
   flags.DEFINE_float('epochs', 10, 'Passes over the training images.', flag_values=fv)
-  flags.DEFINE_integer('batch_size', 128, 'Training batch.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 128, 'Training batch over all devices.', flag_values=fv)
   flags.DEFINE_integer('seed', 0, 'Seed of the parameters, data order and augmentation.',
                        flag_values=fv)
   flags.DEFINE_integer('num_heldout', 10_000, 'Held-out images for the accuracy.', flag_values=fv)
@@ -262,26 +263,28 @@ def _parse(argv: Sequence[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_string('heldout_split', None, 'Held-out split (default: module doc).',
                       flag_values=fv)
-  return cli.parse_config_cli(fv, argv, __doc__)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = sys.argv if argv is None else argv
-  cli.setup_cli_logging()
-  try:
-    fv = _parse(argv)
-    metadata = create_classifier_file(
-        fv.config, fv.out, fv.epochs, fv.batch_size, fv.seed, fv.num_heldout,
-        fv.num_reference_images, fv.train_split, fv.heldout_split)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def train_classifier(fv: flags.FlagValues) -> int:
+  """The tool: checks the config, writes --out and prints what it wrote."""
+  cli.check_flags(fv, positive=('epochs', 'batch_size', 'num_reference_images'),
+                  non_negative=('num_heldout',))
+  config_check.check_config(fv.config)
+  cli.import_tensorflow()
+  metadata = create_classifier_file(
+      fv.config, fv.out, fv.epochs, fv.batch_size, fv.seed, fv.num_heldout,
+      fv.num_reference_images, fv.train_split, fv.heldout_split)
   heldout = metadata['heldout_accuracy']
   print(f"wrote {fv.out}: trained on {metadata['train_images']} {metadata['data']}/"
         f"{metadata['train_split']} images in {metadata['seconds']} s; accuracy on held-out "
         + (f"{metadata['heldout_split']} images: {heldout:.4f}" if heldout is not None else
            'images: not measured (no held-out split)'))
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run_tool(__doc__, define_flags, train_classifier, argv, takes_config=True,
+                      required=('out',))
 
 
 if __name__ == '__main__':

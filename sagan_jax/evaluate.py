@@ -16,22 +16,19 @@ number of samples, the generator, the feature networks and reference files used)
 TensorBoard in DIR (scalars eval[_best][_raw]...[/fid] at the checkpoint's step).
 """
 
-import argparse
 import json
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+from absl import flags
 from absl import logging
-from clu import metric_writers
-from etils import epath
-import jax
 
-from sagan_jax import checkpointing
 from sagan_jax import cli
-from sagan_jax import evaluation
-from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
+
+# Metric names for --help without importing jax (sagan_jax.evaluation.METRICS; a test checks).
+METRIC_NAMES = ('fid', 'is', 'kid', 'precision_recall', 'fd_classifier', 'class_accuracy')
 
 
 def _variant(best: bool, use_ema: bool, truncation: float, standing_stats: int) -> str:
@@ -43,12 +40,20 @@ def _variant(best: bool, use_ema: bool, truncation: float, standing_stats: int) 
 
 
 def run(workdir: str, step: Optional[int] = None, use_ema: bool = True, best: bool = False,
-        **overrides) -> Tuple[Dict[str, Any], epath.Path]:
+        **overrides) -> Tuple[Dict[str, Any], Any]:
   """Evaluates a checkpoint of WORKDIR and writes the JSON and TensorBoard scalars.
 
   `overrides` are evaluation.Settings fields (num_samples, batch_size, metrics, ...); None keeps
-  the checkpoint config's value. Returns (the result written to the JSON file, its path).
+  the checkpoint config's value. Returns (the result written to the JSON file, its epath).
   """
+  # pylint: disable=g-import-not-at-top  (jax, clu and TensorFlow load after the flags)
+  cli.import_tensorflow()
+  from clu import metric_writers
+  from etils import epath
+  import jax
+  from sagan_jax import checkpointing
+  from sagan_jax import evaluation
+  from sagan_jax import sharding
   best_metadata = None
   if best:
     if step is not None:
@@ -85,44 +90,38 @@ def run(workdir: str, step: Optional[int] = None, use_ema: bool = True, best: bo
   return result, path
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m sagan_jax.evaluate', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='Training workdir (local or gs://).')
-  parser.add_argument('--step', type=int, help='Checkpoint step; the newest when not given.')
-  parser.add_argument('--best', action='store_true', help='The checkpoint in WORKDIR/best.')
-  parser.add_argument('--raw', action='store_true', help="G's raw weights instead of the EMA.")
-  parser.add_argument('--num_samples', type=int, default=50_000, help='Samples to score.')
-  parser.add_argument('--batch_size', type=int, help='Samples per batch over all devices '
-                      '(default eval.batch_size).')
-  parser.add_argument('--truncation', type=float, default=0.0,
-                      help='Truncation threshold of z (0: plain N(0, I)).')
-  parser.add_argument('--standing_stats', type=int, default=0, help='Recompute BN statistics '
-                      'from this many batches of G in training mode first (0: off).')
-  parser.add_argument('--metrics', help='Comma-separated subset of '
-                      f'{",".join(evaluation.METRICS)} (default: all).')
-  parser.add_argument('--reference_stats', help='Reference .npz (sagan_jax.reference_stats).')
-  parser.add_argument('--inception_path', help='FID Inception weights (.pth or converted .npz).')
-  parser.add_argument('--classifier', help='Classifier .npz (sagan_jax.classifier).')
-  parser.add_argument('--seed', type=int, default=0, help='Seed of the latents and labels.')
-  return parser.parse_args(list(argv))
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'Training workdir (local or gs://).', flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step; the newest when not given.',
+                       flag_values=fv)
+  flags.DEFINE_bool('best', False, 'The checkpoint in WORKDIR/best.', flag_values=fv)
+  flags.DEFINE_bool('raw', False, "G's raw weights instead of the EMA.", flag_values=fv)
+  flags.DEFINE_integer('num_samples', 50_000, 'Samples to score.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', None, 'Samples generated per batch over all devices '
+                       '(default eval.batch_size).', flag_values=fv)
+  flags.DEFINE_float('truncation', 0.0, 'Truncation threshold of z (0: plain N(0, I)).',
+                     flag_values=fv)
+  flags.DEFINE_integer('standing_stats', 0, 'Recompute BN statistics from this many batches of '
+                       'G in training mode first (0: off).', flag_values=fv)
+  flags.DEFINE_list('metrics', None, f'Comma-separated subset of {",".join(METRIC_NAMES)} '
+                    '(default: all).', flag_values=fv)
+  flags.DEFINE_string('reference_stats', None, 'Reference .npz (sagan_jax.reference_stats).',
+                      flag_values=fv)
+  flags.DEFINE_string('inception_path', None, 'FID Inception weights (.pth or converted .npz).',
+                      flag_values=fv)
+  flags.DEFINE_string('classifier', None, 'Classifier .npz (sagan_jax.classifier).',
+                      flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'Seed of the latents and labels.', flag_values=fv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = _parse(sys.argv[1:] if argv is None else argv)
-  cli.setup_cli_logging()
-  metrics = tuple(m.strip() for m in args.metrics.split(',')) if args.metrics else tuple(
-      evaluation.METRICS)
-  try:
-    result, path = run(args.workdir, args.step, not args.raw, args.best,
-                       num_samples=args.num_samples, batch_size=args.batch_size,
-                       truncation=args.truncation, standing_stats=args.standing_stats,
-                       metrics=metrics, reference_stats=args.reference_stats,
-                       inception_path=args.inception_path, classifier_path=args.classifier,
-                       seed=args.seed)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def evaluate(fv: flags.FlagValues) -> int:
+  """The tool: scores the checkpoint and prints the scores and the JSON's path."""
+  metrics = tuple(m.strip() for m in fv.metrics) if fv.metrics else METRIC_NAMES
+  result, path = run(fv.workdir, fv.step, not fv.raw, fv.best, num_samples=fv.num_samples,
+                     batch_size=fv.batch_size, truncation=fv.truncation,
+                     standing_stats=fv.standing_stats, metrics=metrics,
+                     reference_stats=fv.reference_stats, inception_path=fv.inception_path,
+                     classifier_path=fv.classifier, seed=fv.seed)
   print(f"step {result['step']} ({result['generator']} generator, {result['num_samples']} "
         'samples):')
   for name, value in result['scores'].items():
@@ -131,6 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'  {name}: skipped ({reason})')
   print(f'wrote {path}')
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_tool(__doc__, define_flags, evaluate, argv, required=('workdir',))
 
 
 if __name__ == '__main__':

@@ -10,13 +10,13 @@ in [0, 1] (float) or [0, 255] (uint8), bilinear resize to 299x299 as torch's
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (read without torch by
 sagan_jax.pth) or a `.npz` of the Flax variables written by the converter:
 
-  python -m sagan_jax.inception --pth=pt_inception-2015-12-05-6726825d.pth --out=inception.npz
+  python -m sagan_jax.inception --inception_path=pt_inception-2015-12-05-6726825d.pth \
+      --out=inception.npz
 
 Convolutions run at `Precision.HIGHEST`: the TPU default (one bfloat16 pass) and TF32 on GPUs move
 the 2048-d features far more than FID's comparability allows.
 """
 
-import argparse
 import functools
 import logging
 import os
@@ -24,11 +24,13 @@ import sys
 import zipfile
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sagan_jax import cli
 from sagan_jax import pth
 from sagan_jax.errors import ConfigError
 
@@ -376,7 +378,8 @@ def _variables_from_npz(path: str) -> Variables:
     name = '/'.join(flax_path)
     if name not in arrays:
       raise ConfigError(f'{path}: missing {name!r}: not FID Inception weights (convert '
-                        f'{PTH_NAME} with `python -m sagan_jax.inception --pth=... --out=...`)')
+                        f'{PTH_NAME} with `python -m sagan_jax.inception '
+                        '--inception_path=... --out=...`)')
     if arrays[name].shape != shape:
       raise ConfigError(f'{path}: {name} has shape {arrays[name].shape}, expected {shape}')
     items.append((flax_path, arrays.pop(name).astype(np.float32)))
@@ -440,22 +443,29 @@ def load_inception_or_none(configured: Optional[str] = None) -> Optional[Variabl
 # The converter CLI.
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m sagan_jax.inception',
-      description=f'Converts pytorch-fid\'s {PTH_NAME} to the Flax .npz this package loads.')
-  parser.add_argument('--pth', required=True, help='pytorch-fid state_dict (.pth).')
-  parser.add_argument('--out', required=True, help='Output .npz of the Flax variables.')
-  args = parser.parse_args(argv)
-  try:
-    variables = load_variables(args.pth)
-    save_npz(variables, args.out)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+CONVERTER_DOC = f"""Converts pytorch-fid's {PTH_NAME} to the Flax .npz this package loads.
+
+  python -m sagan_jax.inception --inception_path={PTH_NAME} --out=inception.npz
+"""
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('inception_path', None, "pytorch-fid's state_dict (.pth).", flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output .npz of the Flax variables.', flag_values=fv)
+
+
+def convert(fv: flags.FlagValues) -> int:
+  """The tool: reads the .pth (ConfigError if it is not the FID Inception) and writes the .npz."""
+  variables = load_variables(fv.inception_path)
+  save_npz(variables, fv.out)
   count = sum(1 for _ in _flatten(variables))
-  print(f'wrote {args.out}: {count} arrays (params and batch_stats) from {args.pth}')
+  print(f'wrote {fv.out}: {count} arrays (params and batch_stats) from {fv.inception_path}')
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_tool(CONVERTER_DOC, define_flags, convert, argv,
+                      required=('inception_path', 'out'))
 
 
 if __name__ == '__main__':

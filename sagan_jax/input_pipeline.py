@@ -34,14 +34,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sagan_jax import config_check
 from sagan_jax.errors import ConfigError
 
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
-TFDS_NAMES = ('imagenet2012', 'cifar10')
-SOURCES = ('fashion_mnist', 'folder') + TFDS_NAMES
+TFDS_NAMES = config_check.TFDS_SOURCES
+SOURCES = config_check.DATA_SOURCES
 # What tf.io.decode_image reads; other files in class folders are ignored.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 FOLDER_LAYOUTS = 'root/class/image.jpg or root/<data.split>/class/image.jpg'
@@ -142,9 +143,6 @@ def check_source(data_config) -> None:
   if data_config.name not in SOURCES:
     raise ConfigError(f"unknown data.name '{data_config.name}': set --config.data.name to one of "
                       f'{sorted(SOURCES)}')
-  if data_config.channels not in (1, 3):
-    raise ConfigError(f'data.channels is {data_config.channels}: set --config.data.channels to '
-                      f'1 (grayscale) or 3 (RGB)')
   if data_config.name == 'fashion_mnist':
     _fashion_mnist_paths(data_config.fashion_mnist_dir, data_config.split)
   elif data_config.name == 'folder':

@@ -1,6 +1,6 @@
 """SAGAN's Generator and Discriminator, built from a resolution, a width `ch` and multipliers.
 
-The architectures follow the authors' ResNet SAGAN (REFERENCE.md) and BigGAN's per-resolution
+The architectures follow the authors' ResNet SAGAN (docs/recipe.md) and BigGAN's per-resolution
 tables. Self-attention is placed by feature-map resolution, separately for G and D.
 """
 

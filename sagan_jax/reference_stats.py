@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from sagan_jax import cli
+from sagan_jax import config_check
 from sagan_jax import features
 from sagan_jax import inception
 from sagan_jax import metrics
@@ -111,31 +112,31 @@ def compute_reference_stats(config, out: str, num_images: int = 50_000, batch_si
   return info
 
 
-def _parse(argv: Sequence[str]) -> flags.FlagValues:
-  """This CLI's flags: --config and --out (cli.config_flag_values) and its own."""
-  fv = cli.config_flag_values(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('out', None, 'Output .npz (local or gs://).', flag_values=fv)
   flags.DEFINE_integer('num_images', 50_000, 'Training images to read (at most the split).',
                        flag_values=fv)
   flags.DEFINE_integer('batch_size', 256, 'Images per batch over all devices.',
                        flag_values=fv)
   flags.DEFINE_string('inception_path', None, 'FID Inception weights (.pth or converted .npz); '
                       f'default: eval.inception_path, then ${inception.ENV_VAR}.', flag_values=fv)
-  return cli.parse_config_cli(fv, argv, __doc__)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = sys.argv if argv is None else argv
-  cli.setup_cli_logging()
-  try:
-    fv = _parse(argv)
-    info = compute_reference_stats(fv.config, fv.out, fv.num_images, fv.batch_size,
-                                   fv.inception_path)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def compute(fv: flags.FlagValues) -> int:
+  """The tool: checks the config, writes --out and prints what it wrote."""
+  cli.check_flags(fv, positive=('num_images', 'batch_size'))
+  config_check.check_config(fv.config)
+  cli.import_tensorflow()
+  info = compute_reference_stats(fv.config, fv.out, fv.num_images, fv.batch_size,
+                                 fv.inception_path)
   print(f"wrote {fv.out}: {info['num_images']} {info['data']}/{info['split']} images at "
         f"{info['resolution']} px")
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run_tool(__doc__, define_flags, compute, argv, takes_config=True,
+                      required=('out',))
 
 
 if __name__ == '__main__':

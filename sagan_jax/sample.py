@@ -14,29 +14,30 @@ Only G's checkpoint item is read: no optimizer, no discriminator.
 """
 
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-from absl import app
 from absl import flags
-from etils import epath
-import jax
 import numpy as np
 
-from sagan_jax import checkpointing
-from sagan_jax import sampling
+from sagan_jax import cli
 from sagan_jax.errors import ConfigError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir (local or gs://).')
-flags.DEFINE_integer('step', None, 'Checkpoint step; the newest when not given.')
-flags.DEFINE_bool('raw', False, "Use G's raw weights instead of their EMA.")
-flags.DEFINE_integer('num_per_class', 10, 'Samples per row of the grids.')
-flags.DEFINE_float('truncation', 0.0, 'Threshold of the truncation trick (0: plain N(0, I)).')
-flags.DEFINE_integer('num_samples', 1000, 'Samples in step_N.npz (labels drawn uniformly).')
-flags.DEFINE_list('interp_classes', None, 'Two labels A,B for the class interpolation '
-                  '(default: the first and last class).')
-flags.DEFINE_integer('seed', 0, 'Seed of the latents and labels.')
-flags.DEFINE_string('output_dir', None, 'Where to write; default WORKDIR/generated.')
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'Training workdir (local or gs://).', flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step; the newest when not given.',
+                       flag_values=fv)
+  flags.DEFINE_bool('raw', False, "Use G's raw weights instead of their EMA.", flag_values=fv)
+  flags.DEFINE_integer('num_per_class', 10, 'Samples per row of the grids.', flag_values=fv)
+  flags.DEFINE_float('truncation', 0.0, 'Threshold of the truncation trick (0: plain N(0, I)).',
+                     flag_values=fv)
+  flags.DEFINE_integer('num_samples', 1000, 'Samples in step_N.npz (labels drawn uniformly).',
+                       flag_values=fv)
+  flags.DEFINE_list('interp_classes', None, 'Two labels A,B for the class interpolation '
+                    '(default: the first and last class).', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'Seed of the latents and labels.', flag_values=fv)
+  flags.DEFINE_string('output_dir', None, 'Where to write; default WORKDIR/generated.',
+                      flag_values=fv)
 
 
 def _check_args(num_classes: int, num_per_class: int, truncation: float,
@@ -54,8 +55,13 @@ def _check_args(num_classes: int, num_per_class: int, truncation: float,
 def write_samples(workdir: str, step: Optional[int] = None, use_ema: bool = True,
                   num_per_class: int = 10, truncation: float = 0.0, num_samples: int = 1000,
                   interp_classes: Optional[Sequence[int]] = None, seed: int = 0,
-                  output_dir: Optional[str] = None) -> Dict[str, epath.Path]:
+                  output_dir: Optional[str] = None) -> Dict[str, Any]:
   """Restores G from WORKDIR and writes the grids and the .npz; returns their paths by kind."""
+  # pylint: disable=g-import-not-at-top  (jax loads after the flags: fast --help)
+  from etils import epath
+  import jax
+  from sagan_jax import checkpointing
+  from sagan_jax import sampling
   config, generator, params, g_state, step = checkpointing.load_generator(workdir, step, use_ema)
   num_classes, z_dim = config.data.num_classes, config.model.z_dim
   try:
@@ -107,20 +113,19 @@ def write_samples(workdir: str, step: Optional[int] = None, use_ema: bool = True
   return paths
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    paths = write_samples(FLAGS.workdir, FLAGS.step, not FLAGS.raw, FLAGS.num_per_class,
-                          FLAGS.truncation, FLAGS.num_samples, FLAGS.interp_classes, FLAGS.seed,
-                          FLAGS.output_dir)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+def sample(fv: flags.FlagValues) -> int:
+  """The tool: writes the grids and the .npz and prints their paths."""
+  cli.check_flags(fv, non_negative=('num_samples',))
+  paths = write_samples(fv.workdir, fv.step, not fv.raw, fv.num_per_class, fv.truncation,
+                        fv.num_samples, fv.interp_classes, fv.seed, fv.output_dir)
   for path in paths.values():
     print(f'wrote {path}')
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_tool(__doc__, define_flags, sample, argv, required=('workdir',))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
-  app.run(main)
+  sys.exit(main())

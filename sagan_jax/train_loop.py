@@ -11,12 +11,13 @@ from clu import periodic_actions
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 from sagan_jax import checkpointing
+from sagan_jax import config_check
 from sagan_jax import evaluation
 from sagan_jax import input_pipeline
-from sagan_jax import losses
 from sagan_jax import models
 from sagan_jax import sampling
 from sagan_jax import sharding
@@ -25,32 +26,50 @@ from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
 
 
-def _check_config(config, mesh) -> None:
-  """The checks of user input that `create_models` does not make; run before the workdir is used."""
-  sharding.check_batch_size(config.train.batch_size, mesh, config.train.grad_accum_steps)
-  train.check_on_nonfinite(config.train.on_nonfinite)
-  losses.get_adversarial_loss(config.train.loss)
-  input_pipeline.check_source(config.data)
-
-
 def _format_eta(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
   return f'{hours}h{minutes:02d}m{seconds:02d}s'
 
 
+@jax.jit
+def _finite_metrics(metrics: Dict[str, Any]) -> Dict[str, Any]:
+  """A step's metrics, zero when the step was not finite, with 'count' 1 or 0 accordingly."""
+  finite = metrics['train/all_finite']
+  kept = {k: jnp.where(finite, v, 0.0) for k, v in metrics.items() if k != 'train/all_finite'}
+  return {**kept, 'count': finite.astype(jnp.float32)}
+
+
+_add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
 class _ProgressLogger:
-  """Logs 'step N/T, steps/s, ETA' and the scalars every `log_every_steps`."""
+  """The one progress line every `log_every_steps`: step N/T, steps/s, ETA and the losses.
+
+  Scalars are means over the steps since the last line (summed on the devices as the steps run,
+  so the host never waits for a step), written to TensorBoard with `train/steps_per_sec`.
+  """
 
   def __init__(self, writer, first_step: int, num_steps: int):
     self.writer, self.num_steps = writer, num_steps
     self.last_step, self.last_time = first_step, time.perf_counter()
+    self._sums = None
 
-  def __call__(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
+  def add(self, metrics: Dict[str, Any]) -> None:
+    """Adds one step's metrics to the window (asynchronously, on the devices)."""
+    kept = _finite_metrics(metrics)
+    self._sums = kept if self._sums is None else _add_metrics(self._sums, kept)
+
+  def __call__(self, step: int, extra: Dict[str, float]) -> Dict[str, float]:
+    """Logs and writes the window's means (and `extra` scalars); returns what it wrote."""
     now = time.perf_counter()
     steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'train/all_finite'}
+    sums = jax.device_get(self._sums or {})
+    self._sums = None
+    count = max(float(sums.pop('count', 0.0)), 1.0)  # Steps skipped as non-finite do not count.
+    scalars = {k: float(v) / count for k, v in sums.items()}
+    scalars.update(extra)
     scalars['train/steps_per_sec'] = steps_per_sec
     self.writer.write_scalars(step, scalars)
     eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
@@ -59,6 +78,16 @@ class _ProgressLogger:
     logging.info('step %d/%d  %.2f steps/s  ETA %s  %s', step, self.num_steps, steps_per_sec,
                  _format_eta(eta), losses_text)
     return scalars
+
+
+def _create_profiler(config, workdir: epath.Path):
+  """clu's Profile action when `profile_num_steps` > 0: a trace in WORKDIR/plugins/profile."""
+  num_steps = config.get('profile_num_steps', 0)
+  if not num_steps or jax.process_index() > 0:
+    return lambda step: None
+  return periodic_actions.Profile(logdir=str(workdir), num_profile_steps=num_steps,
+                                  profile_duration_ms=None, every_steps=None, every_secs=None,
+                                  first_profile=config.profile_first_step)
 
 
 def _write_grid(workdir: epath.Path, writer, step: int, *, sample_fn: Callable[..., Any], state,
@@ -255,8 +284,10 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   """
   workdir = epath.Path(workdir)
   mesh = sharding.create_mesh()
-  generator, discriminator = models.create_models(config)  # Validates config.model.
-  _check_config(config, mesh)
+  # Every check of user input comes before the workdir is touched.
+  config_check.check_config(config, mesh)
+  input_pipeline.check_source(config.data)  # The data is there.
+  generator, discriminator = models.create_models(config)
   _check_workdir(workdir)
   manager = checkpointing.create_checkpoint_manager(workdir, config)
   state, restored = _restore_or_create(config, manager, generator, discriminator, mesh)
@@ -278,8 +309,7 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
                                  grid_inputs=grid_inputs, use_ema=config.sample.use_ema,
                                  rows=min(config.sample.num_rows, config.data.num_classes))
   progress = _ProgressLogger(writer, first_step, config.train.num_steps)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
-                                                    writer=writer)
+  profile = _create_profiler(config, workdir)
   clock = _SaveClock(config)
   # Evaluation during training (eval.every_steps; None when off): see the helpers at the end.
   evaluate_fn = _create_periodic_evaluation(config, workdir, generator, mesh, writer)
@@ -297,11 +327,12 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
       if previous_metrics is not None:  # Checked one step late: the host never waits here.
         guard.check(step - 1, previous_metrics, manager)
       previous_metrics = metrics
-      report_progress(step)
+      progress.add(metrics)
+      profile(step)
       last = step == num_steps
       if step % config.log_every_steps == 0 or last:
-        last_scalars = progress(step, {**metrics, 'train/nonfinite_skips': guard.skips}
-                                if guard.action == 'skip' else metrics)
+        last_scalars = progress(step, {'train/nonfinite_skips': guard.skips}
+                                if guard.action == 'skip' else {})
       if step % config.sample_every_steps == 0 or last:
         write_grid(step, state=state)
       if evaluate_fn is not None and (step % config.eval.every_steps == 0 or last):

@@ -168,7 +168,7 @@ def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
     workdir, classifier_file, config, state, monkeypatch, caplog, capsys):
   monkeypatch.delenv(inception.ENV_VAR, raising=False)
   with caplog.at_level(logging.WARNING):
-    code = evaluate.main([f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
+    code = evaluate.main(['prog', f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
                           '--num_samples=150', '--batch_size=60'])
   assert code == 0
   skip_lines = [r.getMessage() for r in caplog.records if 'Inception metrics are skipped' in
@@ -205,19 +205,28 @@ def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
     assert b'eval/fd_classifier' in f.read()
 
   # Fewer samples than the classifier's 128 features: FD undefined, one error line, exit 2.
-  assert evaluate.main([f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
+  assert evaluate.main(['prog', f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
                         '--num_samples=100']) == 2
   err = capsys.readouterr().err
   last = err.strip().splitlines()[-1]
   assert last.startswith('error: ') and 'at least 129' in last
   # Nothing to score at all: an error that says why.
-  assert evaluate.main([f'--workdir={workdir}', '--metrics=fid,is']) == 2
+  assert evaluate.main(['prog', f'--workdir={workdir}', '--metrics=fid,is']) == 2
   assert 'no metric can run (fid: no Inception weights' in capsys.readouterr().err
   # --best reads WORKDIR/best, which this run has not written.
-  assert evaluate.main([f'--workdir={workdir}', '--best']) == 2
+  assert evaluate.main(['prog', f'--workdir={workdir}', '--best']) == 2
   assert 'error: no best checkpoint in' in capsys.readouterr().err
-  assert evaluate.main([f'--workdir={workdir}', '--best', '--step=7']) == 2
+  assert evaluate.main(['prog', f'--workdir={workdir}', '--best', '--step=7']) == 2
   assert '--best and --step pick different checkpoints' in capsys.readouterr().err
+  # A corrupt classifier file: one line that names it, no JSON written.
+  corrupt = os.path.join(os.path.dirname(classifier_file[0]), 'corrupt.npz')
+  with open(corrupt, 'wb') as f:
+    f.write(b'PK\x03\x04 not an npz')
+  evals_before = sorted(os.listdir(os.path.join(workdir, 'eval')))
+  assert evaluate.main(['prog', f'--workdir={workdir}', f'--classifier={corrupt}']) == 2
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err and err.strip().splitlines()[-1].startswith(f'error: {corrupt}')
+  assert sorted(os.listdir(os.path.join(workdir, 'eval'))) == evals_before
 
 
 def test_inception_features_of_the_sharded_path_match_pytorch_fid(config, mesh):

@@ -177,13 +177,14 @@ def test_torch_reads_our_file_and_we_read_torchs(tmp_path, seeded_pth, seeded_st
 
 def test_converter_cli_writes_npz_that_loads_identically(tmp_path, seeded_pth, variables, capsys):
   out = str(tmp_path / 'inception.npz')
-  assert inception.main(['--pth', seeded_pth, '--out', out]) == 0
+  assert inception.main(['prog', f'--inception_path={seeded_pth}', f'--out={out}']) == 0
   assert 'wrote' in capsys.readouterr().out
   from_npz = inception.load_variables(out)
   assert jax.tree_util.tree_structure(from_npz) == jax.tree_util.tree_structure(variables)
   for a, b in zip(jax.tree_util.tree_leaves(from_npz), jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(a, b)
-  assert inception.main(['--pth', str(tmp_path / 'absent.pth'), '--out', out]) == 2
+  absent = tmp_path / 'absent.pth'
+  assert inception.main(['prog', f'--inception_path={absent}', f'--out={out}']) == 2
   assert 'error: Inception weights not found at' in capsys.readouterr().err
 
 

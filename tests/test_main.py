@@ -85,28 +85,13 @@ def test_resume_continues_from_the_newest_checkpoint(trained):
   assert {'4', '5'} <= set(checkpoints)
 
 
-@pytest.mark.parametrize('override,message', [
-    ('--config.data.resolution=48', 'unknown resolution 48'),
-    ('--config.model.g_attention=(64,)', 'G has no 64x64 feature map at 32 px'),
-    ('--config.train.batch_size=12', 'batch_size=12 does not divide over 8 devices'),
-    ('--config.train.loss=lsgan', "unknown train.loss 'lsgan'"),
-    ('--config.data.fashion_mnist_dir=/nonexistent', 'apt-get install dataset-fashion-mnist'),
-])
-def test_bad_input_is_one_line_and_leaves_the_workdir_alone(trained, override, message):
-  before = listing(trained['workdir'])
-  result = run_main(*tiny_flags(trained['data_dir'], trained['workdir'], 7), override)
-  assert result.returncode == 2
-  assert 'Traceback' not in result.stderr
-  last_line = result.stderr.strip().splitlines()[-1]
-  assert last_line.startswith('error: ') and message in last_line, result.stderr[-2000:]
-  assert listing(trained['workdir']) == before
-
-
 def test_non_finite_parameters_stop_before_a_checkpoint_is_written(trained):
   checkpoints = os.path.join(trained['workdir'], 'checkpoints')
   before = listing(checkpoints)
+  # D's biases jump to 1e38 in the D step of step 6 (Adam moves each parameter by about the
+  # learning rate): finite, but G's loss through D overflows in the same step.
   result = run_main(*tiny_flags(trained['data_dir'], trained['workdir'], 7),
-                    '--config.train.g_lr=inf')
+                    '--config.train.d_lr=1e38')
   assert result.returncode == 3, result.stderr[-2000:]
   last_line = result.stderr.strip().splitlines()[-1]
   assert 'non-finite loss or parameters at step 6' in last_line
