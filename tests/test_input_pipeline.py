@@ -11,6 +11,7 @@ from tensorflow_datasets.testing import mocking
 
 from sagan_jax import input_pipeline
 from sagan_jax.errors import ConfigError
+from tests import tolerances
 from tests.conftest import tiny_config
 
 TFDS_EXAMPLES = 12  # Examples of the mocked tfds 'train' splits.
@@ -144,13 +145,20 @@ def test_folder_images_are_converted_cropped_resized_and_corrupt_ones_skipped(
   for label, image in zip(batch['label'][0], batch['image'][0]):
     source = images[sorted(images)[label]]
     source = source[..., None] if source.ndim == 2 else source
+    # Float32 rounding: the area resize averages f x f pixels of at most 255 (weights 1 / f^2,
+    # f^2 + 1 roundings), / 127.5 - 1 two more, relative to terms of at most 255 / 127.5 + 1 = 3.
+    f = min(source.shape[:2]) // 4
+    rounding = tolerances.gamma(f * f + 3) * 3
     if source.shape[-1] in (1, 2):  # Gray (+ alpha): the gray plane, repeated for RGB.
-      want, atol = np.repeat(source[..., :1], channels, axis=-1), 1e-5
+      want, atol = np.repeat(source[..., :1], channels, axis=-1), rounding
     elif channels == 3:  # RGB(A): the colour planes, alpha dropped.
-      want, atol = source[..., :3], 1e-5
-    else:  # ITU-R 601 luma, rounded to uint8 before resizing.
-      want, atol = source[..., :3] @ np.array([[0.2989], [0.587], [0.114]]), 1.6 / 127.5
-    np.testing.assert_allclose(image, _area_resize(want, 4), atol=atol)
+      want, atol = source[..., :3], rounding
+    else:
+      # ITU-R 601 luma, converted back to uint8 before resizing: tf.image.rgb_to_grayscale
+      # truncates luma * 255.5 / 255, which is within (-1, 0.5] level of it; averaging keeps that.
+      want = source[..., :3] @ np.array([[0.2989], [0.587], [0.114]])
+      atol = 1.0 / 127.5 + rounding
+    np.testing.assert_allclose(image, _area_resize(want, 4), rtol=0, atol=atol)
 
 
 def test_decoded_28px_images_are_padded_to_32(tmp_path):
@@ -160,7 +168,8 @@ def test_decoded_28px_images_are_padded_to_32(tmp_path):
   config = _folder_config(tmp_path, batch_size=1, resolution=32, channels=1)
   batch = next(input_pipeline.create_train_iterator(config, seed=0))
   want = np.pad(image / 127.5 - 1.0, 2, constant_values=-1.0)[..., None]
-  np.testing.assert_allclose(batch['image'][0, 0], want, atol=1e-6)
+  # x / 127.5 - 1 in float32: two roundings, relative to terms of at most 2 + 1.
+  np.testing.assert_allclose(batch['image'][0, 0], want, rtol=0, atol=tolerances.gamma(2) * 3)
 
 
 def test_folder_splits_over_processes_are_disjoint_and_cover_the_data(tmp_path):
