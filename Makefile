@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LIBTPU_DIR := $(VENV)/libtpu
+LIBTPU_STAMP := $(LIBTPU_DIR)/.installed
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= runs/fashion_mnist
 
@@ -36,8 +38,14 @@ shellcheck:
 	  fi; \
 	}
 
-test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest
+# libtpu for the TPU-slice compile test, in its own folder (requirements-tpu-compile.txt says why).
+$(LIBTPU_STAMP): requirements-tpu-compile.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(LIBTPU_DIR) -r requirements-tpu-compile.txt
+	touch $(LIBTPU_STAMP)
+
+test: setup $(LIBTPU_STAMP)
+	SAGAN_LIBTPU_DIR=$(abspath $(LIBTPU_DIR)) XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	  $(PY) -m pytest
 
 # Installs Debian's dataset-fashion-mnist when its files are missing and apt-get can be used.
 fashion-mnist:

@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   # one device (XLA_FLAGS' --xla_force_host_platform_device_count wins when set). No effect on
   # GPU and TPU machines.
   config.cpu_devices = 0
+  # JAX's persistent compilation cache (local or gs://): a restarted run (after a preemption) loads
+  # its compiled steps instead of compiling them again. None: off, unless $JAX_COMPILATION_CACHE_DIR
+  # is set. launch/tpu_vm.sh train sets WORKDIR/xla_cache.
+  config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
 
   config.log_every_steps = 100  # Scalars to TensorBoard and the log.
   config.sample_every_steps = 5000  # PNG grids and TensorBoard images of fixed z and labels.

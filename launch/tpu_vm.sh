@@ -243,8 +243,11 @@ cmd_setup() {
 # The remote commands below are one line each (a dry run prints one command per line).
 cmd_train() {
   local python log='"logs/train_worker$w.log"' script
+  # The compilation cache first: a restart loads the compiled step; `-- --config.compilation_
+  # cache_dir=` after it (empty) turns it off.
   python=$(command_line .venv/bin/python -m sagan_jax.main "--config=${CONFIG}" \
-    "--workdir=${WORKDIR}" "${EXTRA_ARGS[@]}")
+    "--workdir=${WORKDIR}" "--config.compilation_cache_dir=${WORKDIR%/}/xla_cache" \
+    "${EXTRA_ARGS[@]}")
   script="mkdir -p logs && ${WORKER_ID} && if ${RUNNING}; then"
   script+=' echo "worker $w: already training (pid $(cat train.pid))"; else'
   [[ -z "${DATA_DIR}" ]] || script+=" export TFDS_DATA_DIR=$(quote "${DATA_DIR}");"

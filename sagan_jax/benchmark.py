@@ -16,6 +16,16 @@ has loops (gradient accumulation, blockwise attention) or custom calls, the FLOP
 loop-free twin (grad_accum_steps = 1, einsum attention, same global batch): the same arithmetic
 the model needs, so MFU stays comparable across settings (recomputation is not counted).
 
+Without a TPU: `--topology=v5e-8` (any name of `sagan_jax.tpu_compile.SLICES`: v4-8, v4-32,
+v5e-8 / v5litepod-8, v5e-16, v5p-8, v6e-8, ...) compiles, without running, the same step for that
+slice with libtpu's compile-only client (JAX stays on the CPU) and reports per device the
+argument, output, temporary and code bytes, the total against the chip's HBM and whether it fits,
+XLA's FLOPs per step, XLA's cost-model step time (an estimate) and the compile time; with
+`--max_batch` it searches the largest global batch that fits (one compile per probe):
+
+  python -m sagan_jax.benchmark --config=configs/imagenet.py --config.model.dtype=bfloat16 \
+      --topology=v5e-8 --max_batch
+
 Nothing here imports TensorFlow, tfds or clu: it runs where only jax, flax, optax and
 ml_collections are installed.
 """
@@ -34,6 +44,7 @@ from sagan_jax import config_check
 from sagan_jax import distributed
 from sagan_jax import models
 from sagan_jax import sharding
+from sagan_jax import tpu_compile
 from sagan_jax import train
 from sagan_jax.errors import ConfigError
 
@@ -71,13 +82,13 @@ def _flops(cost: Any) -> Optional[float]:
   return float(flops) if flops is not None and flops > 0 else None
 
 
-def _has_loops_or_custom_calls(config) -> bool:
+def has_loops_or_custom_calls(config) -> bool:
   attention = config.model.g_attention or config.model.d_attention
   return (config.train.get('grad_accum_steps', 1) > 1 or
           bool(attention) and config.model.attention_impl not in ('einsum', 'fused'))
 
 
-def _loop_free_flops(config, phases, state, batch, mesh) -> Optional[float]:
+def loop_free_flops(config, phases, state, batch, mesh) -> Optional[float]:
   """Global FLOPs of the step with grad_accum_steps = 1 and einsum attention (lowered only)."""
   twin = config.copy_and_resolve_references()
   twin.train.grad_accum_steps = 1
@@ -151,7 +162,7 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2,
   state = train.create_sharded_train_state(config, generator, discriminator,
                                            jax.random.PRNGKey(config.seed), mesh)
   peak = peak_tflops if peak_tflops is not None else known_peak_tflops(device_kind)
-  twin_flops = _has_loops_or_custom_calls(config)
+  twin_flops = has_loops_or_custom_calls(config)
   images = {'train_step': config.train.batch_size * config.train.d_steps,
             'd_step': config.train.batch_size * config.train.d_steps,
             'g_step': config.train.batch_size}
@@ -165,7 +176,7 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2,
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     if twin_flops:
-      flops = _loop_free_flops(config, step_phases, state, batch, mesh)
+      flops = loop_free_flops(config, step_phases, state, batch, mesh)
     else:  # The compiled program is one device's share.
       per_device = _flops(compiled.cost_analysis())
       flops = per_device * num_devices if per_device else None
@@ -234,14 +245,31 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_list('phases', [name for name, _ in PHASES], 'Phases to compile and time.',
                     flag_values=fv)
+  flags.DEFINE_string('topology', None, 'Compile (not run) the train step for this TPU slice '
+                      'from any machine (needs libtpu): v4-8, v4-32, v5e-8 (v5litepod-8), '
+                      'v5e-16, v5p-8, v6e-8, ... (sagan_jax.tpu_compile.SLICES).', flag_values=fv)
+  flags.DEFINE_bool('max_batch', False, 'With --topology: search the largest global batch that '
+                    'fits the slice (one compile per probe).', flag_values=fv)
 
 
 def benchmark(fv: flags.FlagValues) -> int:
   """The tool: checks the config, times the phases, prints the table (and writes the JSON)."""
-  distributed.set_cpu_devices(fv.config.get('cpu_devices', 0))
-  config_check.check_config(fv.config)
-  results = run_benchmark(fv.config, fv.steps, fv.warmup, fv.peak_tflops, fv.phases)
-  print(format_report(results))
+  if fv.topology:
+    tpu_compile.get_slice(fv.topology)
+    tpu_compile.check_libtpu()
+    config_check.check_config(fv.config)
+    jax.config.update('jax_platforms', 'cpu')  # libtpu compiles; nothing runs on a TPU.
+    results = (tpu_compile.max_batch if fv.max_batch else tpu_compile.compile_for_slice)(
+        fv.config, fv.topology)
+    print(tpu_compile.format_report(results))
+  else:
+    if fv.max_batch:
+      raise ConfigError('--max_batch searches the batch that fits a TPU slice: add '
+                        '--topology=NAME (e.g. --topology=v5e-8)')
+    distributed.set_cpu_devices(fv.config.get('cpu_devices', 0))
+    config_check.check_config(fv.config)
+    results = run_benchmark(fv.config, fv.steps, fv.warmup, fv.peak_tflops, fv.phases)
+    print(format_report(results))
   if fv.json_out:
     with open(fv.json_out, 'w') as f:
       json.dump(results, f, indent=2)

@@ -19,6 +19,7 @@ config, --out the one file a tool writes, --output_dir a folder it writes into, 
 copy of the numbers it prints, --batch_size the global batch over all devices.
 """
 
+import contextlib
 import glob
 import logging as std_logging
 import os
@@ -68,23 +69,30 @@ def setup_logging(log_format: str = 'short') -> None:
                        logging.PythonFormatter())
 
 
-def import_tensorflow() -> None:
-  """Imports TensorFlow (tf.data, TensorBoard writers) without its C++ start-up lines.
+@contextlib.contextmanager
+def quiet_stderr():
+  """Closes file descriptor 2 for the block: C++ start-up lines that no log level reaches.
 
-  absl's "before absl::InitializeLog()" warning and oneDNN's notice come from C++ while the
-  library loads and ignore TF_CPP_MIN_LOG_LEVEL; stderr is closed for the import alone, so an
-  import error still surfaces as the exception it is.
+  TensorFlow's import (absl's "before absl::InitializeLog()" warning, oneDNN's notice) and
+  libtpu's start-up (its TPU VM probing) write to stderr from C++ and ignore TF_CPP_MIN_LOG_LEVEL.
+  Python exceptions still surface as what they are, once stderr is back.
   """
-  if 'tensorflow' in sys.modules:
-    return
+  sys.stderr.flush()
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   try:
     os.dup2(devnull, 2)
-    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    yield
   finally:
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
+
+
+def import_tensorflow() -> None:
+  """Imports TensorFlow (tf.data, TensorBoard writers) without its C++ start-up lines."""
+  if 'tensorflow' not in sys.modules:
+    with quiet_stderr():
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 
 def config_names() -> Sequence[str]:

@@ -35,6 +35,7 @@ def train(flag_values: flags.FlagValues) -> None:
   from sagan_jax import train_loop
   config = flag_values.config
   distributed.set_cpu_devices(config.get('cpu_devices', 0))
+  distributed.set_compilation_cache(config.get('compilation_cache_dir'))
   distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
                          flag_values.process_id, mode=flag_values.distributed)
   train_loop.train_and_evaluate(config, flag_values.workdir)

@@ -98,6 +98,9 @@ CASES = [
     ('benchmark', lambda f: ['benchmark', FM, '--steps=0'], '--steps=0'),
     ('benchmark', lambda f: ['benchmark', FM, '--phases=train'], "unknown --phases ['train']"),
     ('benchmark', lambda f: ['benchmark', FM, '--config.model.ch=0'], 'model.ch=0'),
+    ('benchmark', lambda f: ['benchmark', FM, '--topology=v9-8'],
+     'unknown --topology=v9-8: use one of v4-16'),
+    ('benchmark', lambda f: ['benchmark', FM, '--max_batch'], 'add --topology=NAME'),
     ('reference_stats', lambda f: ['reference_stats', FM], 'missing --out'),
     ('reference_stats', lambda f: [
         'reference_stats', FM, f'--config.data.fashion_mnist_dir={f["data"]}',
@@ -137,6 +140,16 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(files, capfd, to
   code = TOOLS[tool].main(make_argv(files))
   _check_one_error_line(code, capfd.readouterr().err, message)
   assert sorted(os.listdir(files['base'])) == before  # No workdir, no output file.
+
+
+def test_topology_without_libtpu_says_how_to_install_it(capfd):
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip('libtpu is importable here (make test keeps it in .venv/libtpu, off the path)')
+  except ImportError:
+    pass
+  code = benchmark.main(['benchmark', FM, '--topology=v5e-8'])
+  _check_one_error_line(code, capfd.readouterr().err, "pip install 'libtpu==0.0.42.*'")
 
 
 def test_at_least_25_cases_cover_every_tool():

@@ -166,8 +166,8 @@ def test_train_runs_main_on_all_workers_with_a_log_each():
   assert command.startswith('cd sagan_jax && ')
   assert 'export TFDS_DATA_DIR=gs://b/tfds;' in command
   assert ("nohup .venv/bin/python -m sagan_jax.main --config=configs/imagenet.py:32 "
-          "'--workdir=gs://b/run 1' --config.model.ch=96 "
-          '>> "logs/train_worker$w.log" 2>&1 < /dev/null &') in command
+          "'--workdir=gs://b/run 1' '--config.compilation_cache_dir=gs://b/run 1/xla_cache' "
+          '--config.model.ch=96 >> "logs/train_worker$w.log" 2>&1 < /dev/null &') in command
 
 
 def test_logs_stop_status_delete():
@@ -276,6 +276,7 @@ while true; do sleep 0.05; done
     assert on_worker(stop).strip() == 'worker 3: not training'
     log = (home / 'sagan_jax' / 'logs' / 'train_worker3.log').read_text()
     assert log == ('args: -m sagan_jax.main --config=configs/imagenet.py --workdir=gs://b/run '
+                   '--config.compilation_cache_dir=gs://b/run/xla_cache '
                    'TFDS_DATA_DIR=gs://b/tfds\n')
   finally:
     _kill_if_running(pid_file)

@@ -1,0 +1,104 @@
+"""Compiling the train step for TPU slices on this CPU machine (libtpu's compile-only client).
+
+The compiles run in a subprocess that sees libtpu (`make test` installs it into .venv/libtpu, off
+the venv's path, and names the folder in $SAGAN_LIBTPU_DIR): the tiny test config for a 1-host
+slice, which fits, and for a 4-host slice at a batch that cannot fit a v5e chip's 16 GiB.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sagan_jax import tpu_compile
+from tests.test_main import REPO
+
+LIBTPU_DIR = os.environ.get('SAGAN_LIBTPU_DIR', os.path.join(REPO, '.venv', 'libtpu'))
+TINY = ['--config=fashion_mnist', '--config.model.ch=8', '--config.train.batch_size=8']
+# 16 devices x 262144 images of 32x32: far beyond a v5e chip's 16 GiB (XLA refuses at once).
+TOO_BIG = ['--config=fashion_mnist', '--config.model.ch=8', '--config.train.batch_size=4194304']
+
+
+def _compile(tmp_path, topology, config_flags):
+  assert os.path.isdir(os.path.join(LIBTPU_DIR, 'libtpu')), (
+      f'libtpu is not in {LIBTPU_DIR}: run `make test` (it installs '
+      'requirements-tpu-compile.txt there)')
+  out = tmp_path / f'{topology}.json'
+  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'PYTHONPATH': LIBTPU_DIR}
+  result = subprocess.run(
+      [sys.executable, '-m', 'sagan_jax.benchmark', *config_flags, f'--topology={topology}',
+       f'--json_out={out}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out) as f:
+    return result, json.load(f)
+
+
+@pytest.fixture(scope='module')
+def reports(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp('tpu_compile')
+  return {'one_host': _compile(tmp_path, 'v5e-4', TINY),
+          'four_hosts': _compile(tmp_path, 'v5e-16', TOO_BIG)}
+
+
+def test_one_host_slice_report_has_every_field_and_fits(reports):
+  result, report = reports['one_host']
+  assert report['topology'] == 'v5e-4' and report['hosts'] == 1 and report['devices'] == 4
+  assert report['device_kind'].startswith('TPU v5')
+  b = report['bytes_per_device']
+  for field in ('argument', 'output', 'temp', 'generated_code'):
+    assert b[field] > 0, field
+  assert b['total'] == b['argument'] + b['output'] - b['alias'] + b['temp'] + b['generated_code']
+  # The donated state: its outputs alias its inputs.
+  assert b['alias'] > 0 and b['alias'] <= min(b['argument'], b['output'])
+  assert report['hbm_bytes_per_device'] == 16 * 2**30 and report['fits']
+  assert report['flops_per_step'] > 0 and report['compile_s'] > 0
+  assert report['estimated_step_seconds'] is None or report['estimated_step_seconds'] > 0
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('v5e-4 (v5e:2x2): 4 x TPU v5') and 'fits' in lines[2]
+  assert 'Traceback' not in result.stderr and 'E0000' not in result.stderr
+
+
+def test_multi_host_slice_compiles_and_reports_a_batch_that_cannot_fit(reports):
+  result, report = reports['four_hosts']
+  assert report['hosts'] == 4 and report['devices'] == 16 and report['batch_size'] == 4194304
+  assert not report['fits'] and 'RESOURCE_EXHAUSTED' in report['compile_error']
+  assert report['bytes_per_device']['total'] > report['hbm_bytes_per_device']
+  assert 'DOES NOT FIT' in result.stdout and 'Traceback' not in result.stderr
+
+
+def test_out_of_memory_message_gives_the_bytes_needed():
+  fields = tpu_compile._out_of_memory(
+      'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+      'temporaries (309.16G) exceeds available HBM (15.75G).')
+  assert fields['bytes_per_device']['total'] == int(309.16 * 2**30) and not fields['fits']
+
+
+def test_max_batch_doubles_then_bisects(monkeypatch):
+  """The search over multiples of the device count, with a memory model instead of compiles."""
+  calls = []
+
+  def fake_compile(config, name, devices):
+    calls.append(config.train.batch_size)
+    return {'batch_size': config.train.batch_size, 'fits': config.train.batch_size <= 40}
+
+  monkeypatch.setattr(tpu_compile, 'compile_for_slice', fake_compile)
+  from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config()
+  result = tpu_compile.max_batch(config, 'v5e-4', devices=[object()] * 4)
+  assert result['max_batch'] == 40 and result['batch_size'] == 40
+  assert calls == [4, 8, 16, 32, 64, 48, 40, 44]
+  assert result['probes'] == {4: True, 8: True, 16: True, 32: True, 64: False, 48: False,
+                              40: True, 44: False}
+  monkeypatch.setattr(tpu_compile, 'compile_for_slice',
+                      lambda config, name, devices: {'fits': False})
+  assert tpu_compile.max_batch(config, 'v5e-4', devices=[object()] * 4)['max_batch'] == 0
+
+
+def test_every_slice_name_resolves_and_v5litepod_names_are_v5e():
+  assert tpu_compile.SLICES['v5litepod-8'] == tpu_compile.SLICES['v5e-8']
+  assert tpu_compile.get_slice('v4-32').hosts == 4
+  for name in ('v4-8', 'v5e-8', 'v5p-8', 'v6e-8'):
+    assert tpu_compile.get_slice(name).hosts == 1
