@@ -23,6 +23,8 @@ from sagan_jax import inception
 from sagan_jax import metrics
 from sagan_jax import sampling
 from sagan_jax import sharding
+from sagan_jax.layers import BATCH_STATS
+from sagan_jax.layers import SPECTRAL
 
 Outputs = Dict[str, Dict[str, jax.Array]]  # {net name: {'features': [B, D], 'logits': [B, K]}}
 
@@ -192,8 +194,8 @@ def create_standing_stats_fn(generator, z_dim: int, mesh, batch_size: int,
   def fn(g_params, g_state, rng):
     z, labels = _sharded_latents(rng, size, z_dim, generator.num_classes, truncation, mesh)
     _, updated = moments_generator.apply({'params': g_params, **g_state}, z, labels, train=True,
-                                         mutable=['batch_stats', 'spectral'])
-    return updated['batch_stats']
+                                         mutable=[BATCH_STATS, SPECTRAL])
+    return updated[BATCH_STATS]
 
   return jax.jit(fn, in_shardings=replicated, out_shardings=replicated)
 
@@ -207,4 +209,4 @@ def standing_statistics(standing_fn, g_params, g_state, num_batches: int, rng: j
   for index in range(num_batches):
     moments = standing_fn(g_params, g_state, batch_key(rng, index))
     total = moments if total is None else jax.tree.map(jnp.add, total, moments)
-  return {**g_state, 'batch_stats': jax.tree.map(lambda x: x / num_batches, total)}
+  return {**g_state, BATCH_STATS: jax.tree.map(lambda x: x / num_batches, total)}

@@ -55,9 +55,11 @@ def spectral_normalize(module: nn.Module, matrix: jax.Array, update: bool) -> ja
   stored `u` is only read. No gradient flows through `u` or `v` (compare_gan's stop-gradient).
   The estimated sigma is sown into `intermediates` for inspection.
   """
+  # u starts as a unit vector: evaluation reads it as it is, so a state that never trained (a
+  # fresh sample or benchmark) gets sigma = |u W^T| <= sigma_1, not |u| (~ sqrt(fan_out)) times it.
   u_var = module.variable(
-      SPECTRAL, 'u',
-      lambda: jax.random.normal(module.make_rng('params'), (1, matrix.shape[-1]), jnp.float32))
+      SPECTRAL, 'u', lambda: _l2_normalize(
+          jax.random.normal(module.make_rng('params'), (1, matrix.shape[-1]), jnp.float32)))
   w = matrix.astype(jnp.float32)
   u = u_var.value
   v = _l2_normalize(u @ w.T)

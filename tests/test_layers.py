@@ -69,6 +69,23 @@ def test_sigma_converges_to_largest_singular_value():
                            'spectral norm of W / sigma')
 
 
+def test_evaluation_of_a_fresh_layer_reads_a_unit_u():
+  """Before any update, sigma = |u W^T| for the stored (unit) u: at most the largest singular
+  value. (An unnormalized initial u once gave 7.87 for a kernel whose sigma_1 is 1.31.)"""
+  conv = layers.SNConv(64, (3, 3))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 16))
+  variables = conv.init(jax.random.PRNGKey(0), x, update_sn=True)
+  u = np.asarray(variables['spectral']['u'], np.float64)
+  tolerances.assert_within(np.linalg.norm(u), 1.0, gamma_n(u.size + 2), '|u|')
+  _, state = conv.apply(variables, x, update_sn=False, mutable=['intermediates'])
+  sigma = float(state['intermediates']['sigma'][0])
+  w = np.asarray(variables['params']['kernel'], np.float64).reshape(-1, 64)
+  largest = np.linalg.svd(w, compute_uv=False)[0]
+  expected = np.linalg.norm(u @ w.T) / np.linalg.norm(u)
+  tolerances.assert_within(sigma, expected, sn_relative_error(w, u) * expected, 'sigma')
+  assert sigma <= largest * (1 + sn_relative_error(w, u))
+
+
 def test_conv_kernel_is_normalized_as_a_matrix_of_shape_fan_in_by_out():
   conv = layers.SNConv(5, (3, 3))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 4))
