@@ -3,18 +3,14 @@
 The tools call it right after parsing their flags, so a wrong value ends with one line that names
 the field and the fix, before a workdir, checkpoint or event file exists. Checks that need the
 data (files present, tfds set prepared, enough images) stay with the input pipeline and run,
-also before the workdir is touched, when training starts. Nothing here imports TensorFlow.
+also before the workdir is touched, when training starts. Nothing here imports TensorFlow; jax
+and flax load when a config is checked, not when the module is imported.
 """
 
 import dataclasses
 import math
 from typing import Optional
 
-from sagan_jax import evaluation
-from sagan_jax import losses
-from sagan_jax import models
-from sagan_jax import sharding
-from sagan_jax import train
 from sagan_jax.errors import ConfigError
 
 TFDS_SOURCES = ('imagenet2012', 'cifar10')
@@ -104,6 +100,11 @@ def _check_ranges(config) -> None:
 
 
 def _check_choices(config) -> None:
+  # pylint: disable=g-import-not-at-top  (the tools' --help and input_pipeline need only the names)
+  from sagan_jax import evaluation
+  from sagan_jax import losses
+  from sagan_jax import models
+  from sagan_jax import train
   data = config.data
   if data.name not in DATA_SOURCES:
     raise ConfigError(f"unknown data.name '{data.name}': set --config.data.name to one of "
@@ -138,4 +139,5 @@ def check_config(config, mesh=None) -> None:
   _check_ranges(config)
   _check_choices(config)
   if mesh is not None:
+    from sagan_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.check_batch_size(config.train.batch_size, mesh, config.train.grad_accum_steps)

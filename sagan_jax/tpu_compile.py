@@ -123,7 +123,7 @@ def compile_for_slice(config, name: str, devices=None) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from sagan_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from sagan_jax import step_benchmark  # pylint: disable=g-import-not-at-top
   from sagan_jax import models  # pylint: disable=g-import-not-at-top
   from sagan_jax import sharding  # pylint: disable=g-import-not-at-top
   from sagan_jax import train  # pylint: disable=g-import-not-at-top
@@ -156,9 +156,9 @@ def compile_for_slice(config, name: str, devices=None) -> Dict[str, Any]:
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
   flops = float(cost.get('flops', 0.0)) * len(devices) or None
   flops_source = 'compiled step'
-  if benchmark.has_loops_or_custom_calls(config):  # XLA counts a loop body once: see benchmark.
-    flops, flops_source = benchmark.loop_free_flops(config, ('d', 'g'), state, batch,
-                                                    mesh), 'loop-free twin (lowered)'
+  if step_benchmark.has_loops_or_custom_calls(config):  # XLA counts a loop body once.
+    flops = step_benchmark.loop_free_flops(config, ('d', 'g'), state, batch, mesh)
+    flops_source = 'loop-free twin (lowered)'
   estimate = float(cost.get('optimal_seconds', 0.0))
   return {**report, 'bytes_per_device': {**fields, 'total': total},
           'fits': total <= report['hbm_bytes_per_device'], 'compile_error': None,

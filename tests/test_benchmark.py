@@ -9,6 +9,7 @@ import pytest
 
 from configs import fashion_mnist
 from sagan_jax import benchmark
+from sagan_jax import step_benchmark
 from sagan_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,14 +64,18 @@ def test_cli_prints_and_writes_positive_numbers(cli_run):
   assert d_step['flops_per_step'] > 2 * 8 * 32 * 32 * 9 * 32 * 32
 
 
+def test_phase_names_for_help_match_the_phases():
+  assert benchmark.PHASE_NAMES == tuple(name for name, _ in step_benchmark.PHASES)
+
+
 def test_known_peaks_by_device_kind():
-  assert benchmark.known_peak_tflops('NVIDIA H200') == 989.0
-  assert benchmark.known_peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
-  assert benchmark.known_peak_tflops('TPU v4') == 275.0
-  assert benchmark.known_peak_tflops('TPU v5 lite') == 197.0
-  assert benchmark.known_peak_tflops('TPU v5p') == 459.0
-  assert benchmark.known_peak_tflops('TPU v6 lite') == 918.0
-  assert benchmark.known_peak_tflops('cpu') is None
+  assert step_benchmark.known_peak_tflops('NVIDIA H200') == 989.0
+  assert step_benchmark.known_peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
+  assert step_benchmark.known_peak_tflops('TPU v4') == 275.0
+  assert step_benchmark.known_peak_tflops('TPU v5 lite') == 197.0
+  assert step_benchmark.known_peak_tflops('TPU v5p') == 459.0
+  assert step_benchmark.known_peak_tflops('TPU v6 lite') == 918.0
+  assert step_benchmark.known_peak_tflops('cpu') is None
 
 
 @pytest.mark.parametrize('kwargs,message', [
@@ -79,4 +84,4 @@ def test_known_peaks_by_device_kind():
 ])
 def test_bad_flags_name_the_fix(kwargs, message):
   with pytest.raises(ConfigError, match=message):
-    benchmark.run_benchmark(fashion_mnist.get_config(), **kwargs)
+    step_benchmark.run_benchmark(fashion_mnist.get_config(), **kwargs)
