@@ -196,7 +196,7 @@ def create_train_step(config, generator: models.Generator, discriminator: models
       return x
     return jax.lax.with_sharding_constraint(x, spec_fn(mesh))
 
-  def constrain_micro(x):  # [k, B / k, ...]: the micro-batch axis is sharded.
+  def constrain_micro(x):  # [k, B / k, ...]: the examples (B / k) are sharded, not the k axis.
     return constrain(x, sharding.step_batch_sharding)
 
   def latents(rng, batch_size):

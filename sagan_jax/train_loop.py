@@ -7,11 +7,9 @@ from typing import Any, Callable, Dict
 
 from absl import logging
 from clu import metric_writers
-from clu import periodic_actions
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 
 from sagan_jax import checkpointing
@@ -19,6 +17,7 @@ from sagan_jax import config_check
 from sagan_jax import evaluation
 from sagan_jax import input_pipeline
 from sagan_jax import models
+from sagan_jax import reporting
 from sagan_jax import sampling
 from sagan_jax import sharding
 from sagan_jax import train
@@ -26,75 +25,10 @@ from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
 
 
-def _format_eta(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s'
-
-
-@jax.jit
-def _finite_metrics(metrics: Dict[str, Any]) -> Dict[str, Any]:
-  """A step's metrics, zero when the step was not finite, with 'count' 1 or 0 accordingly."""
-  finite = metrics['train/all_finite']
-  kept = {k: jnp.where(finite, v, 0.0) for k, v in metrics.items() if k != 'train/all_finite'}
-  return {**kept, 'count': finite.astype(jnp.float32)}
-
-
-_add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-
-
-class _ProgressLogger:
-  """The one progress line every `log_every_steps`: step N/T, steps/s, ETA and the losses.
-
-  Scalars are means over the steps since the last line (summed on the devices as the steps run,
-  so the host never waits for a step), written to TensorBoard with `train/steps_per_sec`.
-  """
-
-  def __init__(self, writer, first_step: int, num_steps: int):
-    self.writer, self.num_steps = writer, num_steps
-    self.last_step, self.last_time = first_step, time.perf_counter()
-    self._sums = None
-
-  def add(self, metrics: Dict[str, Any]) -> None:
-    """Adds one step's metrics to the window (asynchronously, on the devices)."""
-    kept = _finite_metrics(metrics)
-    self._sums = kept if self._sums is None else _add_metrics(self._sums, kept)
-
-  def __call__(self, step: int, extra: Dict[str, float]) -> Dict[str, float]:
-    """Logs and writes the window's means (and `extra` scalars); returns what it wrote."""
-    now = time.perf_counter()
-    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    sums = jax.device_get(self._sums or {})
-    self._sums = None
-    count = max(float(sums.pop('count', 0.0)), 1.0)  # Steps skipped as non-finite do not count.
-    scalars = {k: float(v) / count for k, v in sums.items()}
-    scalars.update(extra)
-    scalars['train/steps_per_sec'] = steps_per_sec
-    self.writer.write_scalars(step, scalars)
-    eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
-    losses_text = ' '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in sorted(scalars.items())
-                           if 'loss' in k)
-    logging.info('step %d/%d  %.2f steps/s  ETA %s  %s', step, self.num_steps, steps_per_sec,
-                 _format_eta(eta), losses_text)
-    return scalars
-
-
-def _create_profiler(config, workdir: epath.Path):
-  """clu's Profile action when `profile_num_steps` > 0: a trace in WORKDIR/plugins/profile."""
-  num_steps = config.get('profile_num_steps', 0)
-  if not num_steps or jax.process_index() > 0:
-    return lambda step: None
-  return periodic_actions.Profile(logdir=str(workdir), num_profile_steps=num_steps,
-                                  profile_duration_ms=None, every_steps=None, every_secs=None,
-                                  first_profile=config.profile_first_step)
-
-
 def _write_grid(workdir: epath.Path, writer, step: int, *, sample_fn: Callable[..., Any], state,
                 grid_inputs, use_ema: bool, rows: int) -> None:
   z, labels = grid_inputs
-  g_params = state.ema_g_params if use_ema else state.g_params
-  images = sampling.to_uint8(sample_fn(g_params, state.g_state, z, labels))
+  images = sampling.to_uint8(sample_fn(state.generator_params(use_ema), state.g_state, z, labels))
   grid = sampling.image_grid(images, rows)
   writer.write_images(step, {'samples': grid[None]})
   if jax.process_index() == 0:
@@ -106,8 +40,8 @@ def _write_final_samples(workdir: epath.Path, config, sample_fn, state) -> None:
   """samples.npz: `final_per_class` samples of every class (uint8 images, int32 labels)."""
   labels = np.repeat(np.arange(config.data.num_classes, dtype=np.int32),
                      config.sample.final_per_class)
-  g_params = state.ema_g_params if config.sample.use_ema else state.g_params
-  images = sampling.generate(sample_fn, g_params, state.g_state, config.model.z_dim, labels,
+  images = sampling.generate(sample_fn, state.generator_params(config.sample.use_ema),
+                             state.g_state, config.model.z_dim, labels,
                              jax.random.PRNGKey(config.seed + 1))
   if jax.process_index() == 0:
     with (workdir / 'samples.npz').open('wb') as f:
@@ -308,8 +242,8 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   write_grid = functools.partial(_write_grid, workdir, writer, sample_fn=sample_fn,
                                  grid_inputs=grid_inputs, use_ema=config.sample.use_ema,
                                  rows=min(config.sample.num_rows, config.data.num_classes))
-  progress = _ProgressLogger(writer, first_step, config.train.num_steps)
-  profile = _create_profiler(config, workdir)
+  progress = reporting.ProgressLogger(writer, first_step, config.train.num_steps)
+  profile = reporting.create_profiler(config, workdir)
   clock = _SaveClock(config)
   # Evaluation during training (eval.every_steps; None when off): see the helpers at the end.
   evaluate_fn = _create_periodic_evaluation(config, workdir, generator, mesh, writer)
@@ -394,9 +328,8 @@ def _create_periodic_evaluation(config, workdir: epath.Path, generator, mesh, wr
 
 
 def _evaluate(config, evaluator, best, writer, step: int, state) -> Dict[str, float]:
-  g_params = state.ema_g_params if config.eval.use_ema else state.g_params
   start = time.perf_counter()
-  scores = evaluator(g_params, state.g_state)
+  scores = evaluator(state.generator_params(config.eval.use_ema), state.g_state)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
   logging.info('eval at step %d (%d samples, %.1f s): %s', step, config.eval.num_samples,
                time.perf_counter() - start, evaluation.format_scores(scores))

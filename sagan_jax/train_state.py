@@ -34,3 +34,7 @@ class GANTrainState:
   ema_g_params: PyTree
   g_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   d_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def generator_params(self, use_ema: bool) -> PyTree:
+    """G's parameters to sample or evaluate with: the EMA (use_ema) or the raw ones."""
+    return self.ema_g_params if use_ema else self.g_params

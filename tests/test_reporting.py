@@ -1,4 +1,4 @@
-"""The loop's reporting: one progress line with window means, and the optional profiler trace."""
+"""sagan_jax.reporting: one progress line with window means, and the optional profiler trace."""
 
 import os
 
@@ -8,7 +8,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from sagan_jax import train_loop
+from sagan_jax import reporting
 
 
 class _Writer:
@@ -30,7 +30,7 @@ def test_scalars_are_window_means_without_non_finite_steps_and_one_line(monkeypa
   lines = []
   monkeypatch.setattr(logging, 'info', lambda fmt, *args: lines.append(fmt % args))
   writer = _Writer()
-  progress = train_loop._ProgressLogger(writer, first_step=0, num_steps=8)
+  progress = reporting.ProgressLogger(writer, first_step=0, num_steps=8)
   for d_loss, g_loss in ((1.0, -1.0), (2.0, -3.0), (3.0, -5.0)):
     progress.add(_metrics(d_loss, g_loss))
   progress.add(_metrics(np.nan, np.inf, finite=False))  # Skipped: not in the means.
@@ -48,7 +48,7 @@ def test_scalars_are_window_means_without_non_finite_steps_and_one_line(monkeypa
 
 def test_profiler_writes_a_trace_of_the_configured_steps(tmp_path):
   config = ml_collections.ConfigDict({'profile_num_steps': 2, 'profile_first_step': 2})
-  profile = train_loop._create_profiler(config, epath.Path(tmp_path))
+  profile = reporting.create_profiler(config, epath.Path(tmp_path))
   x = jnp.ones((64, 64))
   for step in range(1, 6):
     x = (x @ x).block_until_ready() / 64
@@ -59,7 +59,7 @@ def test_profiler_writes_a_trace_of_the_configured_steps(tmp_path):
 
 def test_no_profiler_when_off(tmp_path):
   config = ml_collections.ConfigDict({'profile_num_steps': 0, 'profile_first_step': 2})
-  profile = train_loop._create_profiler(config, epath.Path(tmp_path))
+  profile = reporting.create_profiler(config, epath.Path(tmp_path))
   for step in range(1, 4):
     profile(step)
   assert not os.listdir(tmp_path)
