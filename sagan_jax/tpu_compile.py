@@ -157,7 +157,11 @@ def compile_for_slice(config, name: str, devices=None) -> Dict[str, Any]:
   flops = float(cost.get('flops', 0.0)) * len(devices) or None
   flops_source = 'compiled step'
   if step_benchmark.has_loops_or_custom_calls(config):  # XLA counts a loop body once.
-    flops = step_benchmark.loop_free_flops(config, ('d', 'g'), state, batch, mesh)
+    # The loop-free twin's HLO cost does not depend on the platform; TPU lowerings give none.
+    cpu_mesh = Mesh(np.asarray(jax.devices('cpu')[:1]), (sharding.DATA_AXIS,))
+    flops = step_benchmark.loop_free_flops(
+        config, ('d', 'g'), *_abstract_inputs(config, cpu_mesh, generator, discriminator),
+        cpu_mesh)
     flops_source = 'loop-free twin (lowered)'
   estimate = float(cost.get('optimal_seconds', 0.0))
   return {**report, 'bytes_per_device': {**fields, 'total': total},
