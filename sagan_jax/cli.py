@@ -199,6 +199,26 @@ def check_flags(flag_values: flags.FlagValues, positive: Sequence[str] = (),
         raise ConfigError(f'--{name}={value}: use {what}')
 
 
+def _print_help(doc: str, define_flags, takes_config: bool, argv: Sequence[str]) -> None:
+  help_text = _define_all(argv, define_flags, takes_config).get_help(include_special_flags=False)
+  try:
+    print(f'{doc.strip()}\n\nflags:\n{help_text}')
+  except BrokenPipeError:  # `--help | head`.
+    sys.stderr = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+
+
+def exit_if_help(doc: str, define_flags: Callable[[flags.FlagValues], None],
+                 takes_config: bool = False) -> None:
+  """Answers --help and exits, for a tool whose module loads jax and flax at the top.
+
+  Such a module calls it under `if __name__ == '__main__':` before those imports (seconds), so
+  `python -m sagan_jax.TOOL --help` answers at once.
+  """
+  if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+    _print_help(doc, define_flags, takes_config, sys.argv)
+    sys.exit(0)
+
+
 def run_tool(doc: str, define_flags: Callable[[flags.FlagValues], None],
              tool_fn: Callable[[flags.FlagValues], Optional[int]],
              argv: Optional[Sequence[str]] = None, takes_config: bool = False,
@@ -218,12 +238,7 @@ def run_tool(doc: str, define_flags: Callable[[flags.FlagValues], None],
   """
   argv = list(sys.argv if argv is None else argv)
   if any(arg in HELP_FLAGS for arg in argv[1:]):
-    help_text = _define_all(argv, define_flags, takes_config).get_help(
-        include_special_flags=False)
-    try:
-      print(f'{doc.strip()}\n\nflags:\n{help_text}')
-    except BrokenPipeError:  # `--help | head`.
-      sys.stderr = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+    _print_help(doc, define_flags, takes_config, argv)
     return 0
   try:
     flag_values = parse_flags(argv, define_flags, takes_config, required)

@@ -17,24 +17,44 @@ Convolutions run at `Precision.HIGHEST`: the TPU default (one bfloat16 pass) and
 the 2048-d features far more than FID's comparability allows.
 """
 
+import sys
+
+from absl import flags
+
+from sagan_jax import cli
+
+PTH_NAME = 'pt_inception-2015-12-05-6726825d.pth'
+
+CONVERTER_DOC = f"""Converts pytorch-fid's {PTH_NAME} to the Flax .npz this package loads.
+
+  python -m sagan_jax.inception --inception_path={PTH_NAME} --out=inception.npz
+"""
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('inception_path', None, "pytorch-fid's state_dict (.pth).", flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output .npz of the Flax variables.', flag_values=fv)
+
+
+# --help answers before the imports below load jax and flax (seconds).
+if __name__ == '__main__':
+  cli.exit_if_help(CONVERTER_DOC, define_flags)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
 import logging
 import os
-import sys
 import zipfile
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sagan_jax import cli
 from sagan_jax import pth
 from sagan_jax.errors import ConfigError
 
-PTH_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 PTH_URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{PTH_NAME}'
 ENV_VAR = 'SAGAN_INCEPTION_PATH'
 INPUT_SIZE = 299
@@ -441,17 +461,6 @@ def load_inception_or_none(configured: Optional[str] = None) -> Optional[Variabl
 
 # ----------------------------------------------------------------------------------------------
 # The converter CLI.
-
-
-CONVERTER_DOC = f"""Converts pytorch-fid's {PTH_NAME} to the Flax .npz this package loads.
-
-  python -m sagan_jax.inception --inception_path={PTH_NAME} --out=inception.npz
-"""
-
-
-def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string('inception_path', None, "pytorch-fid's state_dict (.pth).", flag_values=fv)
-  flags.DEFINE_string('out', None, 'Output .npz of the Flax variables.', flag_values=fv)
 
 
 def convert(fv: flags.FlagValues) -> int:

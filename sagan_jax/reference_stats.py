@@ -12,17 +12,36 @@ precision/recall need them), `feature_dim`, `resolution`, `channels`, `num_image
 resolution differs from its generator's. One process reads the whole split: run it on one host.
 """
 
-import copy
 import sys
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from absl import flags
+
+from sagan_jax import cli
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('out', None, 'Output .npz (local or gs://).', flag_values=fv)
+  flags.DEFINE_integer('num_images', 50_000, 'Training images to read (at most the split).',
+                       flag_values=fv)
+  flags.DEFINE_integer('batch_size', 256, 'Images per batch over all devices.',
+                       flag_values=fv)
+  flags.DEFINE_string('inception_path', None, 'FID Inception weights (.pth or converted .npz); '
+                      'default: eval.inception_path, then $SAGAN_INCEPTION_PATH.', flag_values=fv)
+
+
+# --help answers before the imports below load jax and flax (seconds).
+if __name__ == '__main__':
+  cli.exit_if_help(__doc__, define_flags, takes_config=True)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import copy
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
-from sagan_jax import cli
 from sagan_jax import config_check
 from sagan_jax import features
 from sagan_jax import inception
@@ -110,16 +129,6 @@ def compute_reference_stats(config, out: str, num_images: int = 50_000, batch_si
           'network': net.description, 'pixels': 'rounded to 8-bit levels, no flips'}
   metrics.save_reference(out, mu, sigma, sets[net.name].stats.kept(), **info)
   return info
-
-
-def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string('out', None, 'Output .npz (local or gs://).', flag_values=fv)
-  flags.DEFINE_integer('num_images', 50_000, 'Training images to read (at most the split).',
-                       flag_values=fv)
-  flags.DEFINE_integer('batch_size', 256, 'Images per batch over all devices.',
-                       flag_values=fv)
-  flags.DEFINE_string('inception_path', None, 'FID Inception weights (.pth or converted .npz); '
-                      f'default: eval.inception_path, then ${inception.ENV_VAR}.', flag_values=fv)
 
 
 def compute(fv: flags.FlagValues) -> int:

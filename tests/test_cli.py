@@ -191,6 +191,28 @@ def test_help_of_every_tool_answers_without_tensorflow():
   assert result.stdout.count('--log_format') == len(TOOLS)  # The shared flag, in every tool.
 
 
+HELP_AS_MAIN = """
+import runpy, sys
+sys.argv = ['prog', '--help']
+try:
+  runpy.run_module('sagan_jax.' + TOOL, run_name='__main__')
+except SystemExit as e:
+  assert not e.code, e.code
+print('loaded:', sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize('tool', sorted(TOOLS))
+def test_python_m_help_loads_neither_jax_nor_tensorflow(tool):
+  """`python -m sagan_jax.TOOL --help` answers from the flag definitions alone (well under a
+  second; jax's import alone takes one to two)."""
+  script = HELP_AS_MAIN.replace('TOOL', repr(tool))
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'flags:' in result.stdout and 'loaded: []' in result.stdout, result.stdout[-500:]
+
+
 def test_config_by_name_resolves_to_the_packaged_file():
   path = cli.resolve_config_path('imagenet:32')
   assert path == os.path.join(REPO, 'configs', 'imagenet.py') + ':32'
