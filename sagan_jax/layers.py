@@ -52,11 +52,10 @@ def spectral_normalize(module: nn.Module, matrix: jax.Array, update: bool) -> ja
 
   The estimate `u` (shape [1, fan_out]) is a variable of `module` in the `spectral` collection.
   In training (`update=True`) one power iteration runs and the new `u` is stored; in evaluation the
-  stored `u` is only read. No gradient flows through `u` or `v` (compare_gan's stop-gradient).
+  stored `u` is only read, so it starts as a unit vector (a never-trained layer then reads sigma =
+  |u W^T| <= sigma_1). No gradient flows through `u` or `v` (compare_gan's stop-gradient).
   The estimated sigma is sown into `intermediates` for inspection.
   """
-  # u starts as a unit vector: evaluation reads it as it is, so a state that never trained (a
-  # fresh sample or benchmark) gets sigma = |u W^T| <= sigma_1, not |u| (~ sqrt(fan_out)) times it.
   u_var = module.variable(
       SPECTRAL, 'u', lambda: _l2_normalize(
           jax.random.normal(module.make_rng('params'), (1, matrix.shape[-1]), jnp.float32)))
