@@ -19,6 +19,7 @@ from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from sagan_jax import models
 from sagan_jax import sharding
@@ -41,10 +42,33 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
   return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / 'checkpoints'
 
 
+def save_decision_policy(config) -> policies.SaveDecisionPolicy:
+  """When `manager.should_save(step)` says yes: Orbax's policies for the config's schedule.
+
+  - every `checkpoint_every_steps` steps (FixedIntervalPolicy);
+  - when the newest checkpoint is `checkpoint_every_minutes` old and no save is still being
+    written (ContinuousCheckpointingPolicy; process 0 decides and tells the others). A fresh run
+    has no checkpoint yet, so its first asked step saves at once: a workdir that cannot be
+    written fails in the first seconds, not after the first interval;
+  - at a preemption sync point, when several processes train (PreemptionCheckpointingPolicy).
+  The loop asks at the steps where every process asks (train_loop), and saves the last step and
+  the SIGTERM step of a single process itself.
+  """
+  chosen = [policies.PreemptionCheckpointingPolicy()]
+  if config.checkpoint_every_steps:
+    chosen.append(policies.FixedIntervalPolicy(int(config.checkpoint_every_steps)))
+  if config.checkpoint_every_minutes:
+    seconds = max(1, round(60 * config.checkpoint_every_minutes))
+    chosen.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=seconds))
+  return policies.AnySavePolicy(chosen)
+
+
 def create_checkpoint_manager(workdir: epath.PathLike, config) -> ocp.CheckpointManager:
   """An asynchronous manager over WORKDIR/checkpoints keeping the newest `keep_checkpoints`."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=True)
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=save_decision_policy(config),
+      preservation_policy=policies.LatestN(config.keep_checkpoints), create=True,
+      enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
@@ -52,13 +76,14 @@ def save(manager: ocp.CheckpointManager, state: GANTrainState, config,
          data: Optional[Dict[str, Any]] = None, metadata: Optional[Dict[str, Any]] = None) -> None:
   """Saves all items at state.step; returns once the arrays are copied (writes go on behind).
 
-  Every process must call it. `data` and `metadata` are JSON-serializable dicts.
+  Every process must call it, having decided to save (`manager.should_save`, the last step, a
+  stop): the save is forced. `data` and `metadata` are JSON-serializable dicts.
   """
   generator = {'ema_params': state.ema_g_params, 'params': state.g_params, 'state': state.g_state}
   manager.save(int(state.step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), generator=ocp.args.StandardSave(generator),
       config=ocp.args.JsonSave(config.to_dict()), data=ocp.args.JsonSave(data or {}),
-      metadata=ocp.args.JsonSave(metadata or {})))
+      metadata=ocp.args.JsonSave(metadata or {})), force=True)
 
 
 class Restored(NamedTuple):
@@ -207,7 +232,7 @@ def best_checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
 
 def create_best_manager(workdir: epath.PathLike) -> ocp.CheckpointManager:
   """A synchronous manager over WORKDIR/best that keeps one step."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+  options = ocp.CheckpointManagerOptions(preservation_policy=policies.LatestN(1), create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(best_checkpoint_dir(workdir), options=options,
                                item_names=BEST_ITEMS)

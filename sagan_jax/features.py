@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sagan_jax import inception
+from sagan_jax import latents
 from sagan_jax import metrics
-from sagan_jax import sampling
 from sagan_jax import sharding
 from sagan_jax.layers import BATCH_STATS
 from sagan_jax.layers import SPECTRAL
@@ -66,9 +66,7 @@ def padded_size(batch_size: int, mesh) -> int:
 
 def eval_latents(rng: jax.Array, n: int, z_dim: int, num_classes: int, truncation: float):
   """z (truncated when `truncation` > 0) and labels uniform over the classes."""
-  z_rng, y_rng = jax.random.split(rng)
-  z = sampling.latents(z_rng, n, z_dim, truncation)
-  return z, jax.random.randint(y_rng, (n,), 0, num_classes, jnp.int32)
+  return latents.sample_latents(rng, n, z_dim, num_classes, truncation)
 
 
 def _sharded_latents(rng: jax.Array, size: int, z_dim: int, num_classes: int, truncation: float,

@@ -61,6 +61,7 @@ def write_samples(workdir: str, step: Optional[int] = None, use_ema: bool = True
   from etils import epath
   import jax
   from sagan_jax import checkpointing
+  from sagan_jax import latents
   from sagan_jax import sampling
   config, generator, params, g_state, step = checkpointing.load_generator(workdir, step, use_ema)
   num_classes, z_dim = config.data.num_classes, config.model.z_dim
@@ -84,7 +85,7 @@ def write_samples(workdir: str, step: Optional[int] = None, use_ema: bool = True
   grids['classes'] = run(z, labels)
   grids['random'] = run(z, rng.integers(0, num_classes, len(z)).astype(np.int32))
   if truncation > 0:
-    grids['truncated'] = run(sampling.latents(key, len(z), z_dim, truncation), labels)
+    grids['truncated'] = run(latents.sample_z(key, len(z), z_dim, truncation), labels)
   ends = rng.standard_normal((2, rows, z_dim)).astype(np.float32)
   path = sampling.interpolate(ends[0], ends[1], num_per_class)  # [columns, rows, z_dim]
   grids['interp_z'] = run(path.transpose(1, 0, 2).reshape(-1, z_dim), labels[::num_per_class]

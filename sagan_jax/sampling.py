@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from sagan_jax import latents
 from sagan_jax import models
 
 
@@ -17,8 +18,8 @@ def grid_latents(sample_config, z_dim: int, num_classes: int, seed: int
   """Fixed z [rows * columns, z_dim] and labels: row r shows one class, spread over all classes."""
   rows = min(sample_config.num_rows, num_classes)
   classes = np.round(np.linspace(0, num_classes - 1, rows)).astype(np.int32)
-  rng = np.random.default_rng(seed)
-  z = rng.standard_normal((rows * sample_config.num_columns, z_dim)).astype(np.float32)
+  z = np.asarray(latents.sample_z(jax.random.PRNGKey(seed), rows * sample_config.num_columns,
+                                  z_dim))
   return z, np.repeat(classes, sample_config.num_columns)
 
 
@@ -54,17 +55,6 @@ def save_png(path: epath.PathLike, image: np.ndarray) -> None:
   epath.Path(path).write_bytes(buffer.getvalue())
 
 
-def latents(rng: jax.Array, n: int, z_dim: int, truncation: float = 0.0) -> jax.Array:
-  """z ~ N(0, I); with `truncation` > 0, N(0, I) truncated to [-truncation, truncation].
-
-  The truncation trick (BigGAN): values outside the threshold are redrawn, trading variety for
-  fidelity as the threshold shrinks.
-  """
-  if truncation and truncation > 0:
-    return jax.random.truncated_normal(rng, -truncation, truncation, (n, z_dim), jnp.float32)
-  return jax.random.normal(rng, (n, z_dim), jnp.float32)
-
-
 def interpolate(start: np.ndarray, end: np.ndarray, steps: int) -> np.ndarray:
   """`steps` points on the straight line from `start` to `end` (both included), stacked first."""
   t = np.linspace(0.0, 1.0, steps, dtype=np.float32).reshape((steps,) + (1,) * np.ndim(start))
@@ -82,6 +72,6 @@ def generate(sample_fn, g_params, g_state, z_dim: int, labels: np.ndarray, rng: 
   out = []
   for start in range(0, len(labels), batch_size):
     y = jnp.asarray(labels[start:start + batch_size])
-    z = latents(jax.random.fold_in(rng, start), len(y), z_dim, truncation)
+    z = latents.sample_z(jax.random.fold_in(rng, start), len(y), z_dim, truncation)
     out.append(to_uint8(sample_fn(g_params, g_state, z, y)))
   return np.concatenate(out)

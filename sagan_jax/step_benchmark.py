@@ -13,6 +13,7 @@ import numpy as np
 from sagan_jax import models
 from sagan_jax import sharding
 from sagan_jax import train
+from sagan_jax import train_state
 from sagan_jax.errors import ConfigError
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of jax's device_kind (first match wins).
@@ -126,8 +127,8 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2,
   generator, discriminator = models.create_models(config)
   sharding.check_batch_size(config.train.batch_size, mesh, config.train.get('grad_accum_steps', 1))
   batch = synthetic_batch(config, mesh)
-  state = train.create_sharded_train_state(config, generator, discriminator,
-                                           jax.random.PRNGKey(config.seed), mesh)
+  state = train_state.create_sharded_train_state(config, generator, discriminator,
+                                                 jax.random.PRNGKey(config.seed), mesh)
   peak = peak_tflops if peak_tflops is not None else known_peak_tflops(device_kind)
   twin_flops = has_loops_or_custom_calls(config)
   images = {'train_step': config.train.batch_size * config.train.d_steps,

@@ -99,10 +99,10 @@ def _abstract_inputs(config, mesh, generator, discriminator):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sagan_jax import sharding  # pylint: disable=g-import-not-at-top
-  from sagan_jax import train  # pylint: disable=g-import-not-at-top
+  from sagan_jax import train_state  # pylint: disable=g-import-not-at-top
   replicated = sharding.replicated(mesh)
-  state = jax.eval_shape(lambda rng: train.create_train_state(config, generator, discriminator,
-                                                              rng), jax.random.PRNGKey(0))
+  state = jax.eval_shape(lambda rng: train_state.create_train_state(
+      config, generator, discriminator, rng), jax.random.PRNGKey(0))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                        state)
   batch_sharding = sharding.step_batch_sharding(mesh)

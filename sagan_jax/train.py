@@ -1,35 +1,102 @@
-"""The train state factory and the compiled SAGAN train step (n D steps, then one G step)."""
+"""The SAGAN train step as pure functions: `d_step`, `g_step` and `train_step` composing them.
 
-import functools
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+    train_step(ctx, state, batch) = d_steps x d_step, then g_step, then the non-finite guard
+
+`StepContext` holds what is fixed for a run (the modules, the loss, sizes, the mesh, the hooks);
+`create_train_step` builds it from a config and returns `train_step` bound to it, which
+`compile_train_step` jits over the device mesh. Randomness is fold_in(state.rng, state.step), so a
+step's numbers do not depend on how it is sharded.
+
+Where new training ideas enter (`StepHooks`):
+- `augment(rng, images) -> images` transforms every image D sees: real and fake in the D steps,
+  fake in the G step, inside the differentiated function, so G's gradient flows through it
+  (DiffAugment, ADA).
+- `d_regularizers` / `g_regularizers`: extra loss terms `reg(inputs: LossInputs, rng) ->
+  (scalar, metrics)` added to D's or G's loss (R1, consistency regularization, orthogonal
+  regularization); their metrics join the step's.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 import optax
 
+from sagan_jax import latents
 from sagan_jax import losses
 from sagan_jax import models
 from sagan_jax import sharding
-from sagan_jax.errors import ConfigError
 from sagan_jax.layers import SPECTRAL
+from sagan_jax.errors import ConfigError
 from sagan_jax.train_state import GANTrainState
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
+G_MUTABLE = ('batch_stats', SPECTRAL)  # G's collections that its training-mode forward updates.
 
 
-@functools.lru_cache(maxsize=None)
-def _adam(learning_rate: float, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
-  # Cached: the optimizers are static fields of the state, so equal settings must give the same
-  # objects, or every new state (fresh, restored) would compile the step again.
-  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+class LossInputs(NamedTuple):
+  """What a regularizer sees of the loss it is added to.
+
+  Attributes:
+    params: the parameters being differentiated (D's in a D step, G's in the G step).
+    images: the images D scored, after `augment`: [real; fake] in a D step, fake in the G step.
+    labels: their class labels.
+    logits: D's outputs for them.
+    discriminator: `(images, labels) -> logits` with the D parameters of this loss (the ones
+      being differentiated in a D step) and read-only spectral vectors, e.g. for R1.
+  """
+  params: Any
+  images: jax.Array
+  labels: jax.Array
+  logits: jax.Array
+  discriminator: Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def create_optimizers(train_config) -> Tuple[optax.GradientTransformation, ...]:
-  """Adam for G and for D with their own learning rates (two time-scale update rule)."""
-  hyper = (train_config.beta1, train_config.beta2, train_config.adam_eps)
-  return _adam(train_config.g_lr, *hyper), _adam(train_config.d_lr, *hyper)
+Augment = Callable[[jax.Array, jax.Array], jax.Array]  # (rng, images [B, H, W, C]) -> images
+Regularizer = Callable[[LossInputs, jax.Array], Tuple[jax.Array, Metrics]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepHooks:
+  """The places where D's inputs are transformed and extra loss terms enter (module docstring)."""
+  augment: Optional[Augment] = None
+  d_regularizers: Tuple[Regularizer, ...] = ()
+  g_regularizers: Tuple[Regularizer, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What stays fixed over a run's train steps (static under jit)."""
+  generator: models.Generator
+  discriminator: models.Discriminator
+  loss: losses.AdversarialLoss
+  z_dim: int
+  num_classes: int
+  num_micro: int = 1  # train.grad_accum_steps
+  ema_decay: float = 0.999
+  ema_start_step: int = 0
+  lr_scale: Optional[Callable[[jax.Array], jax.Array]] = None
+  skip_nonfinite: bool = False
+  mesh: Optional[Mesh] = None
+  phases: Tuple[str, ...] = ('d', 'g')
+  hooks: StepHooks = StepHooks()
+
+  def constrain(self, x: jax.Array, spec_fn=sharding.data_sharding) -> jax.Array:
+    """`x` with its leading (example) axis sharded over the mesh's 'data' axis."""
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, spec_fn(self.mesh))
+
+  def constrain_micro(self, x: jax.Array) -> jax.Array:
+    """[k, B / k, ...]: the examples (B / k) are sharded, not the micro-batch axis k."""
+    return self.constrain(x, sharding.step_batch_sharding)
+
+  def draw_latents(self, rng: jax.Array, batch_size: int) -> Tuple[jax.Array, jax.Array]:
+    z, labels = latents.sample_latents(rng, batch_size, self.z_dim, self.num_classes)
+    return self.constrain(z), self.constrain(labels)
 
 
 def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
@@ -52,35 +119,6 @@ def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
     return jnp.clip((num_steps - step) / (num_steps - start), 0.0, 1.0).astype(jnp.float32)
 
   return scale
-
-
-def sample_latents(rng: jax.Array, batch_size: int, z_dim: int, num_classes: int):
-  """z ~ N(0, I) and fake labels uniform over the classes."""
-  z_rng, y_rng = jax.random.split(rng)
-  z = jax.random.normal(z_rng, (batch_size, z_dim), jnp.float32)
-  labels = jax.random.randint(y_rng, (batch_size,), 0, num_classes, jnp.int32)
-  return z, labels
-
-
-def create_train_state(config, generator: models.Generator, discriminator: models.Discriminator,
-                       rng: jax.Array) -> GANTrainState:
-  """Initializes both networks, their optimizers and G's EMA (a copy of G at step 0)."""
-  g_rng, d_rng, run_rng = jax.random.split(rng, 3)
-  res, channels = config.data.resolution, config.data.channels
-  z = jnp.zeros((2, config.model.z_dim), jnp.float32)
-  labels = jnp.zeros((2,), jnp.int32)
-  g_vars = generator.init(g_rng, z, labels, train=True)
-  d_vars = discriminator.init(d_rng, jnp.zeros((2, res, res, channels)), labels, update_sn=True)
-  g_params = g_vars.pop('params')
-  d_params = d_vars.pop('params')
-  g_vars.pop('intermediates', None)
-  d_vars.pop('intermediates', None)
-  g_tx, d_tx = create_optimizers(config.train)
-  return GANTrainState(
-      step=jnp.zeros((), jnp.int32), rng=run_rng, g_params=g_params, d_params=d_params,
-      g_state=dict(g_vars), d_state=dict(d_vars), g_opt_state=g_tx.init(g_params),
-      d_opt_state=d_tx.init(d_params), ema_g_params=jax.tree.map(jnp.copy, g_params),
-      g_tx=g_tx, d_tx=d_tx)
 
 
 def split_micro_batches(x: jax.Array, num_micro: int) -> jax.Array:
@@ -112,7 +150,10 @@ def _reduce_micro_batches(stacked: Any) -> Any:
 
 def accumulate_gradients(loss_fn: Callable[..., Any], params: Any, batch: Any, num_micro: int,
                          constrain: Callable[[jax.Array], jax.Array] = lambda x: x):
-  """value_and_grad of `loss_fn(params, batch) -> (loss, aux)` averaged over micro-batches.
+  """value_and_grad of `loss_fn(params, batch, index) -> (loss, aux)` over micro-batches.
+
+  `index` is the micro-batch's number (an int32 scalar, 0 without accumulation): loss functions
+  that draw random numbers fold it into their key, so micro-batches differ.
 
   With num_micro > 1 the leaves of `batch` ([B, ...]) are split by `split_micro_batches` and a
   lax.scan (compile time independent of num_micro) sums the gradients; the loss and the aux
@@ -124,15 +165,16 @@ def accumulate_gradients(loss_fn: Callable[..., Any], params: Any, batch: Any, n
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if num_micro == 1:
-    return grad_fn(params, batch)
+    return grad_fn(params, batch, jnp.zeros((), jnp.int32))
   micro_batches = jax.tree.map(lambda x: constrain(split_micro_batches(x, num_micro)), batch)
 
-  def body(grad_sum, micro_batch):
-    (loss, aux), grads = grad_fn(params, micro_batch)
+  def body(grad_sum, micro_batch_and_index):
+    (loss, aux), grads = grad_fn(params, *micro_batch_and_index)
     return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grad_sum, stacked = jax.lax.scan(body, zeros, micro_batches)
+  indices = jnp.arange(num_micro, dtype=jnp.int32)
+  grad_sum, stacked = jax.lax.scan(body, zeros, (micro_batches, indices))
   grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
   return _reduce_micro_batches(stacked), grads
 
@@ -147,16 +189,170 @@ def check_on_nonfinite(action: str) -> str:
   return action
 
 
-def create_train_step(config, generator: models.Generator, discriminator: models.Discriminator,
-                      mesh: Optional[Mesh] = None, phases: Sequence[str] = ('d', 'g')
-                      ) -> Callable[..., Tuple[GANTrainState, Metrics]]:
-  """Returns the pure `train_step(state, batch) -> (state, metrics)`.
+def _regularize(regularizers: Sequence[Regularizer], inputs: LossInputs, rng: jax.Array,
+                loss: jax.Array) -> Tuple[jax.Array, Metrics]:
+  """`loss` plus every regularizer's term; their metrics merged."""
+  metrics = {}
+  for i, regularizer in enumerate(regularizers):
+    term, reg_metrics = regularizer(inputs, jax.random.fold_in(rng, i))
+    loss, metrics = loss + term, {**metrics, **reg_metrics}
+  return loss, metrics
 
-  `batch` holds 'image' [d_steps, B, H, W, C] in [-1, 1] and 'label' [d_steps, B]. Each D step
-  passes real and fake images through D in one forward, so D's spectral vectors advance once per D
-  step. G's spectral vectors and BN statistics advance in the G step only: the D steps run G in
-  training mode (batch statistics) and drop its state updates. Randomness is
-  fold_in(state.rng, state.step), so a step's numbers do not depend on how it is sharded.
+
+def _augment(ctx: StepContext, rng: jax.Array, images: jax.Array) -> jax.Array:
+  augment = ctx.hooks.augment
+  return images if augment is None else augment(rng, images)
+
+
+# Keys derived from a D or G step's key: the latents use the key itself (as before hooks
+# existed), augmentation and regularizers fold in these numbers.
+_AUGMENT_KEY, _REGULARIZER_KEY = 1, 2
+
+
+def _d_loss(ctx: StepContext, state: GANTrainState, rng: jax.Array, d_params, examples, index):
+  """D's loss on one (micro-)batch: real and fake images through D in one forward."""
+  fake, _ = ctx.generator.apply({'params': state.g_params, **state.g_state}, examples['z'],
+                                examples['fake_label'], train=True, mutable=list(G_MUTABLE))
+  fake = jax.lax.stop_gradient(fake)
+  rng = jax.random.fold_in(rng, index)
+  images = jnp.concatenate([examples['real'], fake.astype(examples['real'].dtype)], axis=0)
+  images = _augment(ctx, jax.random.fold_in(rng, _AUGMENT_KEY), images)
+  labels = jnp.concatenate([examples['real_label'], examples['fake_label']], axis=0)
+  logits, d_state = ctx.discriminator.apply({'params': d_params, **state.d_state}, images, labels,
+                                            update_sn=True, mutable=[SPECTRAL])
+  real_logits, fake_logits = jnp.split(logits, 2)
+  loss = ctx.loss.d_loss(real_logits, fake_logits)
+  if ctx.hooks.d_regularizers:
+    d_fn = lambda x, y: ctx.discriminator.apply({'params': d_params, **state.d_state}, x, y,
+                                                update_sn=False)
+    inputs = LossInputs(d_params, images, labels, logits, d_fn)
+    loss, reg_metrics = _regularize(ctx.hooks.d_regularizers, inputs,
+                                    jax.random.fold_in(rng, _REGULARIZER_KEY), loss)
+  else:
+    reg_metrics = {}
+  return loss, {'state': d_state, 'real': jnp.mean(real_logits), 'fake': jnp.mean(fake_logits),
+                'regularizers': reg_metrics}
+
+
+def d_step(ctx: StepContext, state: GANTrainState, real: jax.Array, real_labels: jax.Array,
+           rng: jax.Array) -> Tuple[GANTrainState, Metrics]:
+  """One D update on real images [B, H, W, C] and as many fresh fakes; G is not updated.
+
+  G runs in training mode (batch statistics) and its state updates are dropped; D's spectral
+  vectors advance once.
+  """
+  z, fake_labels = ctx.draw_latents(rng, real.shape[0])
+  examples = {'real': real, 'real_label': real_labels, 'z': z, 'fake_label': fake_labels}
+  loss_fn = lambda params, batch, index: _d_loss(ctx, state, rng, params, batch, index)
+  (loss, aux), grads = accumulate_gradients(loss_fn, state.d_params, examples, ctx.num_micro,
+                                            ctx.constrain_micro)
+  updates, d_opt_state = state.d_tx.update(grads, state.d_opt_state, state.d_params)
+  updates = _scaled(ctx, updates, state.step)
+  state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
+                        d_state=dict(aux['state']), d_opt_state=d_opt_state)
+  metrics = {'train/d_loss': loss, 'train/d_real': aux['real'], 'train/d_fake': aux['fake'],
+             'train/d_grad_norm': optax.global_norm(grads), **aux['regularizers']}
+  return state, metrics
+
+
+def _g_loss(ctx: StepContext, state: GANTrainState, rng: jax.Array, g_params, examples, index):
+  """G's loss on one (micro-)batch; D's spectral vectors are read, not advanced."""
+  fake, g_state = ctx.generator.apply({'params': g_params, **state.g_state}, examples['z'],
+                                      examples['label'], train=True, mutable=list(G_MUTABLE))
+  rng = jax.random.fold_in(rng, index)
+  images = _augment(ctx, jax.random.fold_in(rng, _AUGMENT_KEY), fake)
+  d_fn = lambda x, y: ctx.discriminator.apply({'params': state.d_params, **state.d_state}, x, y,
+                                              update_sn=False)
+  logits = d_fn(images, examples['label'])
+  loss = ctx.loss.g_loss(logits)
+  inputs = LossInputs(g_params, images, examples['label'], logits, d_fn)
+  loss, reg_metrics = _regularize(ctx.hooks.g_regularizers, inputs,
+                                  jax.random.fold_in(rng, _REGULARIZER_KEY), loss)
+  return loss, {'state': g_state, 'regularizers': reg_metrics}
+
+
+def g_step(ctx: StepContext, state: GANTrainState, batch_size: int, rng: jax.Array
+           ) -> Tuple[GANTrainState, Metrics]:
+  """One G update on `batch_size` fresh latents; G's BN statistics and spectral vectors advance.
+
+  The EMA of G follows (decay 0, an exact copy, before train.ema_start_step).
+  """
+  z, labels = ctx.draw_latents(rng, batch_size)
+  loss_fn = lambda params, batch, index: _g_loss(ctx, state, rng, params, batch, index)
+  (loss, aux), grads = accumulate_gradients(loss_fn, state.g_params, {'z': z, 'label': labels},
+                                            ctx.num_micro, ctx.constrain_micro)
+  updates, g_opt_state = state.g_tx.update(grads, state.g_opt_state, state.g_params)
+  updates = _scaled(ctx, updates, state.step)
+  g_params = optax.apply_updates(state.g_params, updates)
+  decay = jnp.where(state.step >= ctx.ema_start_step, ctx.ema_decay, 0.0)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_g_params, g_params)
+  state = state.replace(g_params=g_params, g_state=dict(aux['state']), g_opt_state=g_opt_state,
+                        ema_g_params=ema)
+  return state, {'train/g_loss': loss, 'train/g_grad_norm': optax.global_norm(grads),
+                 **aux['regularizers']}
+
+
+def _scaled(ctx: StepContext, updates, step: jax.Array):
+  """Adam's updates times the learning-rate factor of `step` (train.lr_decay_start_step)."""
+  if ctx.lr_scale is None:
+    return updates
+  return jax.tree.map(lambda u: u * ctx.lr_scale(step), updates)
+
+
+def train_step(ctx: StepContext, state: GANTrainState, batch: Batch
+               ) -> Tuple[GANTrainState, Metrics]:
+  """`d_steps` D steps (one per slice of `batch`), one G step, then the non-finite guard.
+
+  `batch` holds 'image' [d_steps, B, H, W, C] in [-1, 1] and 'label' [d_steps, B]. With
+  `ctx.skip_nonfinite`, a step whose losses or new parameters are not finite returns the state
+  it was given (the step counter advanced): its batch is skipped. `ctx.phases` lets the benchmark
+  time the D steps or the G step alone; the step counter advances either way.
+  """
+  start_state = state
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  d_steps = batch['image'].shape[0]
+  metrics = {}
+  if 'd' in ctx.phases:
+    for i in range(d_steps):
+      state, metrics = d_step(ctx, state, batch['image'][i], batch['label'][i],
+                              jax.random.fold_in(step_rng, i))
+  if 'g' in ctx.phases:
+    state, g_metrics = g_step(ctx, state, batch['image'].shape[1],
+                              jax.random.fold_in(step_rng, d_steps))
+    metrics = {**metrics, **g_metrics}
+  # One flag for the host's non-finite guard: every loss and every parameter of G and D.
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
+      (metrics, state.g_params, state.d_params))]
+  all_finite = jnp.all(jnp.stack(finite))
+  metrics['train/all_finite'] = all_finite
+  if ctx.lr_scale is not None:
+    metrics['train/lr_scale'] = ctx.lr_scale(start_state.step)
+  if ctx.skip_nonfinite:  # Keep the state from before the step: the batch is skipped.
+    state = jax.tree.map(lambda new, old: jnp.where(all_finite, new, old), state, start_state)
+  return state.replace(step=state.step + 1), metrics
+
+
+def create_step_context(config, generator: models.Generator,
+                        discriminator: models.Discriminator, mesh: Optional[Mesh] = None,
+                        phases: Sequence[str] = ('d', 'g'),
+                        hooks: StepHooks = StepHooks()) -> StepContext:
+  """The StepContext of a (checked, config_check.check_config) training config."""
+  train_config = config.train
+  return StepContext(
+      generator=generator, discriminator=discriminator,
+      loss=losses.get_adversarial_loss(train_config.loss), z_dim=config.model.z_dim,
+      num_classes=config.data.num_classes, num_micro=train_config.get('grad_accum_steps', 1),
+      ema_decay=train_config.ema_decay, ema_start_step=train_config.ema_start_step,
+      lr_scale=lr_scale_fn(train_config),
+      skip_nonfinite=check_on_nonfinite(train_config.on_nonfinite) == 'skip', mesh=mesh,
+      phases=tuple(phases), hooks=hooks)
+
+
+def create_train_step(config, generator: models.Generator, discriminator: models.Discriminator,
+                      mesh: Optional[Mesh] = None, phases: Sequence[str] = ('d', 'g'),
+                      hooks: StepHooks = StepHooks()
+                      ) -> Callable[[GANTrainState, Batch], Tuple[GANTrainState, Metrics]]:
+  """`train_step` bound to the run's StepContext: `step(state, batch) -> (state, metrics)`.
 
   With `train.grad_accum_steps` = k > 1, every D step and the G step average the gradients of k
   micro-batches of B / k (`accumulate_gradients`) into one optimizer update. The latents are drawn
@@ -165,133 +361,17 @@ def create_train_step(config, generator: models.Generator, discriminator: models
   see B / k examples at a time. In the G step likewise: G's gradient is the mean of the
   micro-batch gradients, its BN moving means advance by the mean of the micro-batch means, its
   moving variances by the mean of the micro-batch variances.
-
-  Args:
-    config: the run's config.
-    generator, discriminator: the modules.
-    mesh: the device mesh; its size is checked against the batch and micro-batches.
-    phases: what the step runs: 'd' (the D steps), 'g' (the G step) or both (training; the
-      benchmark times each alone). The step counter advances either way.
-
-  With `train.on_nonfinite='skip'`, a step whose losses or new parameters are not finite returns
-  the state it was given (with the step counter advanced): its batch is skipped.
   """
-  adversarial = losses.get_adversarial_loss(config.train.loss)
-  skip_nonfinite = check_on_nonfinite(config.train.on_nonfinite) == 'skip'
-  train_config, num_classes = config.train, config.data.num_classes
-  z_dim = config.model.z_dim
-  num_micro = train_config.get('grad_accum_steps', 1)
-  if mesh is not None:
-    sharding.check_batch_size(train_config.batch_size, mesh, num_micro)
-  g_mutable = ['batch_stats', SPECTRAL]
-  lr_scale = lr_scale_fn(train_config)
+  ctx = create_step_context(config, generator, discriminator, mesh, phases, hooks)
 
-  def scaled(updates, step):
-    if lr_scale is None:
-      return updates
-    return jax.tree.map(lambda u: u * lr_scale(step), updates)
+  def step(state: GANTrainState, batch: Batch) -> Tuple[GANTrainState, Metrics]:
+    return train_step(ctx, state, batch)
 
-  def constrain(x, spec_fn=sharding.data_sharding):
-    if mesh is None:
-      return x
-    return jax.lax.with_sharding_constraint(x, spec_fn(mesh))
-
-  def constrain_micro(x):  # [k, B / k, ...]: the examples (B / k) are sharded, not the k axis.
-    return constrain(x, sharding.step_batch_sharding)
-
-  def latents(rng, batch_size):
-    z, labels = sample_latents(rng, batch_size, z_dim, num_classes)
-    return constrain(z), constrain(labels)
-
-  def d_step(state: GANTrainState, real, real_labels, rng):
-    z, fake_labels = latents(rng, real.shape[0])
-
-    def loss_fn(d_params, examples):
-      fake, _ = generator.apply({'params': state.g_params, **state.g_state}, examples['z'],
-                                examples['fake_label'], train=True, mutable=g_mutable)
-      fake = jax.lax.stop_gradient(fake)
-      images = jnp.concatenate([examples['real'], fake.astype(examples['real'].dtype)], axis=0)
-      labels = jnp.concatenate([examples['real_label'], examples['fake_label']], axis=0)
-      logits, d_state = discriminator.apply({'params': d_params, **state.d_state}, images, labels,
-                                            update_sn=True, mutable=[SPECTRAL])
-      real_logits, fake_logits = jnp.split(logits, 2)
-      loss = adversarial.d_loss(real_logits, fake_logits)
-      return loss, {'state': d_state, 'real': jnp.mean(real_logits),
-                    'fake': jnp.mean(fake_logits)}
-
-    examples = {'real': real, 'real_label': real_labels, 'z': z, 'fake_label': fake_labels}
-    (loss, aux), grads = accumulate_gradients(loss_fn, state.d_params, examples, num_micro,
-                                              constrain_micro)
-    updates, d_opt_state = state.d_tx.update(grads, state.d_opt_state, state.d_params)
-    updates = scaled(updates, state.step)
-    state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
-                          d_state=dict(aux['state']), d_opt_state=d_opt_state)
-    metrics = {'train/d_loss': loss, 'train/d_real': aux['real'], 'train/d_fake': aux['fake'],
-               'train/d_grad_norm': optax.global_norm(grads)}
-    return state, metrics
-
-  def g_step(state: GANTrainState, batch_size, rng):
-    z, labels = latents(rng, batch_size)
-
-    def loss_fn(g_params, examples):
-      fake, g_state = generator.apply({'params': g_params, **state.g_state}, examples['z'],
-                                      examples['label'], train=True, mutable=g_mutable)
-      logits = discriminator.apply({'params': state.d_params, **state.d_state}, fake,
-                                   examples['label'], update_sn=False)
-      return adversarial.g_loss(logits), g_state
-
-    (loss, g_state), grads = accumulate_gradients(
-        loss_fn, state.g_params, {'z': z, 'label': labels}, num_micro, constrain_micro)
-    updates, g_opt_state = state.g_tx.update(grads, state.g_opt_state, state.g_params)
-    updates = scaled(updates, state.step)
-    g_params = optax.apply_updates(state.g_params, updates)
-    # Before ema_start_step the EMA tracks G exactly (decay 0).
-    decay = jnp.where(state.step >= train_config.ema_start_step, train_config.ema_decay, 0.0)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_g_params, g_params)
-    state = state.replace(g_params=g_params, g_state=dict(g_state), g_opt_state=g_opt_state,
-                          ema_g_params=ema)
-    return state, {'train/g_loss': loss, 'train/g_grad_norm': optax.global_norm(grads)}
-
-  def train_step(state: GANTrainState, batch: Batch) -> Tuple[GANTrainState, Metrics]:
-    start_state = state
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    d_steps = batch['image'].shape[0]
-    metrics = {}
-    if 'd' in phases:
-      for i in range(d_steps):
-        state, metrics = d_step(state, batch['image'][i], batch['label'][i],
-                                jax.random.fold_in(step_rng, i))
-    if 'g' in phases:
-      state, g_metrics = g_step(state, batch['image'].shape[1],
-                                jax.random.fold_in(step_rng, d_steps))
-      metrics = {**metrics, **g_metrics}
-    # One flag for the host's non-finite guard: every loss and every parameter of G and D.
-    finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
-        (metrics, state.g_params, state.d_params))]
-    all_finite = jnp.all(jnp.stack(finite))
-    metrics['train/all_finite'] = all_finite
-    if lr_scale is not None:
-      metrics['train/lr_scale'] = lr_scale(start_state.step)
-    if skip_nonfinite:  # Keep the state from before the step: the batch is skipped.
-      state = jax.tree.map(lambda new, old: jnp.where(all_finite, new, old), state, start_state)
-    return state.replace(step=state.step + 1), metrics
-
-  return train_step
+  return step
 
 
-def compile_train_step(train_step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+def compile_train_step(step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   """jax.jit over `mesh`: state replicated and donated, the batch sharded over 'data'."""
   replicated = sharding.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, sharding.step_batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(replicated, sharding.step_batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
-
-
-def create_sharded_train_state(config, generator: models.Generator,
-                               discriminator: models.Discriminator, rng: jax.Array,
-                               mesh: Mesh) -> GANTrainState:
-  """create_train_state compiled with replicated outputs on `mesh`.
-
-  The state then has exactly the type the compiled step returns, so the step compiles once.
-  """
-  create = functools.partial(create_train_state, config, generator, discriminator)
-  return jax.jit(create, out_shardings=sharding.replicated(mesh))(rng)

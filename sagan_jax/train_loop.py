@@ -21,6 +21,7 @@ from sagan_jax import reporting
 from sagan_jax import sampling
 from sagan_jax import sharding
 from sagan_jax import train
+from sagan_jax import train_state
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
 
@@ -89,31 +90,18 @@ class _PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-class _SaveClock:
-  """Checkpoints every `checkpoint_every_steps` steps and every `checkpoint_every_minutes`.
+def _save_due(manager, config, step: int) -> bool:
+  """Whether the checkpoint manager's policy (checkpointing.save_decision_policy) saves `step`.
 
-  With several processes, process 0's clock decides (all must save at the same step); it is read
-  every `log_every_steps` steps, so the processes meet there and nowhere else.
+  With several processes the policy is asked every `log_every_steps` steps and at the fixed
+  interval's steps only, the same steps on every process: its time-based part makes process 0
+  decide and tell the others, so the processes meet there and nowhere else.
   """
-
-  def __init__(self, config):
-    self.every_steps = config.checkpoint_every_steps
-    self.every_seconds = 60.0 * config.checkpoint_every_minutes
-    self.check_every = config.log_every_steps if jax.process_count() > 1 else 1
-    self.last_save = time.monotonic()
-
-  def saved(self) -> None:
-    self.last_save = time.monotonic()
-
-  def due(self, step: int) -> bool:
-    if self.every_steps and step % self.every_steps == 0:
-      return True
-    if not self.every_seconds or step % self.check_every:
-      return False
-    late = time.monotonic() - self.last_save >= self.every_seconds
-    if jax.process_count() > 1:
-      late = bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
-    return late
+  every = config.checkpoint_every_steps
+  at_interval = bool(every) and step % every == 0
+  if jax.process_count() > 1 and step % config.log_every_steps and not at_interval:
+    return False
+  return manager.should_save(step)
 
 
 class _NonFiniteGuard:
@@ -200,12 +188,12 @@ def _restore_or_create(config, manager, generator, discriminator, mesh):
   rng = jax.random.PRNGKey(config.seed)
 
   def init_fn():
-    return train.create_train_state(config, generator, discriminator, rng)
+    return train_state.create_train_state(config, generator, discriminator, rng)
 
   abstract = checkpointing.abstract_like(init_fn, sharding.replicated(mesh))
   restored = checkpointing.restore_latest(manager, abstract, config)
   if restored is None:
-    return train.create_sharded_train_state(config, generator, discriminator, rng, mesh), None
+    return train_state.create_sharded_train_state(config, generator, discriminator, rng, mesh), None
   return restored.state, restored
 
 
@@ -244,7 +232,6 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
                                  rows=min(config.sample.num_rows, config.data.num_classes))
   progress = reporting.ProgressLogger(writer, first_step, config.train.num_steps)
   profile = reporting.create_profiler(config, workdir)
-  clock = _SaveClock(config)
   # Evaluation during training (eval.every_steps; None when off): see the helpers at the end.
   evaluate_fn = _create_periodic_evaluation(config, workdir, generator, mesh, writer)
   eval_scores: Dict[str, float] = {}  # The newest evaluation's scores.
@@ -272,13 +259,12 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
       if evaluate_fn is not None and (step % config.eval.every_steps == 0 or last):
         eval_scores = evaluate_fn(step, state)
       stop = preemption.check(step)
-      if clock.due(step) or last or stop:
+      if last or stop or _save_due(manager, config, step):
         guard.check(step, metrics, manager)
         metadata = {'step': step, 'wall_time': time.time(),
                     'elapsed_seconds': elapsed + time.monotonic() - start_time,
                     'scalars': last_scalars, 'eval': eval_scores, 'nonfinite_skips': guard.skips}
         _save(manager, state, config, _gather_positions(train_iter.position), metadata)
-        clock.saved()
       if stop:
         logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
         break

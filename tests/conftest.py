@@ -61,6 +61,7 @@ def tiny_config(data_dir: str = '/nonexistent'):
   config.log_every_steps = 1
   config.sample_every_steps = 2
   config.checkpoint_every_steps = 2
+  config.checkpoint_every_minutes = 0.0  # Saves at fixed steps only (no save at the first step).
   config.sample.num_columns = 2
   config.sample.final_per_class = 0
   return config

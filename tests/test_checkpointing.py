@@ -1,20 +1,32 @@
 """Checkpoints across device counts, write failures, and the workdir check."""
 
+import dataclasses
+import datetime
 import errno
 import os
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 import pytest
 
 from sagan_jax import checkpointing
 from sagan_jax import models
 from sagan_jax import sharding
-from sagan_jax import train
+from sagan_jax import train_state
 from sagan_jax import train_loop
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
 from tests.conftest import tiny_config
+
+
+class _Info(NamedTuple):
+  """A checkpoint's step and time, as Orbax's save decision policies read them."""
+  step: int
+  time: datetime.datetime
+  metrics: Any = None
 
 
 @pytest.fixture(scope='module')
@@ -25,11 +37,11 @@ def setup():
 
   def abstract(mesh):
     return checkpointing.abstract_like(
-        lambda: train.create_train_state(config, generator, discriminator, rng),
+        lambda: train_state.create_train_state(config, generator, discriminator, rng),
         sharding.replicated(mesh))
 
-  state = train.create_sharded_train_state(config, generator, discriminator, rng,
-                                           sharding.create_mesh(jax.devices()[:1]))
+  state = train_state.create_sharded_train_state(config, generator, discriminator, rng,
+                                                 sharding.create_mesh(jax.devices()[:1]))
   return config, state, abstract
 
 
@@ -94,21 +106,34 @@ def test_an_unwritable_workdir_is_a_config_error(tmp_path):
   assert os.listdir(tmp_path) == ['file']
 
 
-def test_saves_come_every_k_steps_and_every_t_minutes_whichever_is_first(monkeypatch):
+def test_saves_come_every_k_steps_and_every_t_minutes_whichever_is_first():
   config = tiny_config()
   config.checkpoint_every_steps = 100
   config.checkpoint_every_minutes = 2.0
-  now = [1000.0]
-  monkeypatch.setattr(train_loop.time, 'monotonic', lambda: now[0])
-  clock = train_loop._SaveClock(config)
-  due = []
-  for step in range(1, 301):
-    now[0] += 7.0  # 7 s per step: 120 s pass every 17.1 steps.
-    if clock.due(step):
-      due.append(step)
-      clock.saved()
-  assert due[:3] == [18, 36, 54] and 100 in due and 200 in due
+  start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+  at = lambda step, seconds_per_step=7.0: _Info(step, start + datetime.timedelta(
+      seconds=seconds_per_step * step))
+  idle = policies.DecisionContext(is_saving_in_progress=False, reached_preemption=False,
+                                  multiprocessing_options=ocp.options.MultiprocessingOptions())
+
+  def due(policy, context=idle):
+    saved = [_Info(0, start)]  # The checkpoint the run resumed from.
+    for step in range(1, 301):  # 7 s per step: 120 s pass every 17.1 steps.
+      if policy.should_save(at(step), saved, context=context):
+        saved.append(at(step))
+    return [info.step for info in saved[1:]]
+
+  both = due(checkpointing.save_decision_policy(config))
+  assert both[:3] == [18, 36, 54] and 100 in both and 200 in both
+  # A save still being written holds the timed saves back, not the fixed-interval ones.
+  busy = dataclasses.replace(idle, is_saving_in_progress=True)
+  assert due(checkpointing.save_decision_policy(config), busy) == [100, 200, 300]
+  preempted = dataclasses.replace(idle, reached_preemption=True)
+  assert checkpointing.save_decision_policy(config).should_save(at(7), [at(6)], context=preempted)
   config.checkpoint_every_minutes = 0.0  # Steps only.
-  clock = train_loop._SaveClock(config)
-  now[0] += 1e6
-  assert [s for s in range(1, 301) if clock.due(s)] == [100, 200, 300]
+  assert due(checkpointing.save_decision_policy(config)) == [100, 200, 300]
+  config.checkpoint_every_steps = 0  # Minutes only; a fresh run (no checkpoint) saves at once.
+  config.checkpoint_every_minutes = 2.0
+  policy = checkpointing.save_decision_policy(config)
+  assert policy.should_save(at(1), [], context=idle)
+  assert due(policy)[:3] == [18, 36, 54] and 100 not in due(policy)

@@ -18,8 +18,8 @@ def tiny_flags(data_dir, workdir, num_steps):
       f'--config.data.fashion_mnist_dir={data_dir}', '--config.data.shuffle_buffer=64',
       '--config.model.ch=8', '--config.train.batch_size=8', f'--config.train.num_steps={num_steps}',
       '--config.log_every_steps=1', '--config.sample_every_steps=2',
-      '--config.checkpoint_every_steps=2', '--config.sample.num_columns=2',
-      '--config.sample.final_per_class=2'
+      '--config.checkpoint_every_steps=2', '--config.checkpoint_every_minutes=0',
+      '--config.sample.num_columns=2', '--config.sample.final_per_class=2'
   ]
 
 

@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sagan_jax import config_check
+from sagan_jax import latents
 from sagan_jax import losses
 from sagan_jax import models
 from sagan_jax import sharding
 from sagan_jax import train
+from sagan_jax import train_state
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
 from sagan_jax.layers import SPECTRAL
@@ -50,14 +53,14 @@ def setup():
   step1 = train.compile_train_step(
       train.create_train_step(config, generator, discriminator, mesh1), mesh1)
   rng = jax.random.PRNGKey(0)
-  state0 = jax.device_get(train.create_sharded_train_state(config, generator, discriminator, rng,
-                                                           mesh1))
+  state0 = jax.device_get(train_state.create_sharded_train_state(config, generator,
+                                                                 discriminator, rng, mesh1))
   batch = make_batch(config)
   state1, metrics1 = step1(
-      train.create_sharded_train_state(config, generator, discriminator, rng, mesh1),
+      train_state.create_sharded_train_state(config, generator, discriminator, rng, mesh1),
       sharding.make_global_batch(batch, mesh1))
   state8, metrics8 = step8(
-      train.create_sharded_train_state(config, generator, discriminator, rng, mesh8),
+      train_state.create_sharded_train_state(config, generator, discriminator, rng, mesh8),
       sharding.make_global_batch(batch, mesh8))
   return dict(config=config, generator=generator, discriminator=discriminator, mesh8=mesh8,
               step8=step8, mesh1=mesh1, step1=step1, state0=state0, batch=batch,
@@ -68,8 +71,8 @@ def setup():
 def step_latents(config, state, index):
   """The latents of the step's D step `index` (G step: index d_steps), as train_step draws them."""
   step_rng = jax.random.fold_in(state.rng, state.step)
-  return train.sample_latents(jax.random.fold_in(step_rng, index), config.train.batch_size,
-                              config.model.z_dim, config.data.num_classes)
+  return latents.sample_latents(jax.random.fold_in(step_rng, index), config.train.batch_size,
+                                config.model.z_dim, config.data.num_classes)
 
 
 def trace_d_step(setup, state, real, real_labels):
@@ -266,8 +269,8 @@ def test_d_step_lowers_d_loss_on_its_batch(setup, traced_step):
   generator, discriminator = setup['generator'], setup['discriminator']
   batch_size = config.train.batch_size
   step_rng = jax.random.fold_in(state0.rng, 0)
-  z, fake_labels = train.sample_latents(jax.random.fold_in(step_rng, 0), batch_size,
-                                        config.model.z_dim, config.data.num_classes)
+  z, fake_labels = latents.sample_latents(jax.random.fold_in(step_rng, 0), batch_size,
+                                          config.model.z_dim, config.data.num_classes)
   # Jitted: op-by-op dispatch of G and D takes several times as long as one compile.
   generate = jax.jit(functools.partial(generator.apply, train=True,
                                        mutable=['batch_stats', 'spectral']))
@@ -319,6 +322,53 @@ def test_mutable_state_and_ema_advance(setup):
                              f'EMA {key}')
 
 
+def test_step_hooks_reach_both_steps_and_regularizers_enter_the_losses(setup):
+  """StepHooks: `augment` sees every image D scores (D step: real and fake; G step: fake), and
+  the regularizers' terms and metrics join D's and G's losses."""
+  config, generator, discriminator = setup['config'], setup['generator'], setup['discriminator']
+  mesh, seen, g_weight = setup['mesh1'], [], 1e-3
+
+  def augment(rng, images):  # Zeros without a gradient: G's adversarial gradient vanishes.
+    del rng
+    seen.append(images.shape)  # At trace time: once per step kind.
+    return jax.lax.stop_gradient(jnp.zeros_like(images))
+
+  def d_regularizer(inputs, rng):  # A gradient of 1e6 on D's output bias.
+    del rng
+    return 1e6 * jnp.sum(inputs.params['linear']['bias']), {
+        'train/d_seen_max': jnp.max(jnp.abs(inputs.images))}
+
+  def g_regularizer(inputs, rng):  # g_weight |W|^2 of G's input layer: gradient 2 g_weight W.
+    del rng
+    return g_weight * jnp.sum(jnp.square(inputs.params['linear']['kernel'])), {
+        'train/g_seen_max': jnp.max(jnp.abs(inputs.images))}
+
+  hooks = train.StepHooks(augment, (d_regularizer,), (g_regularizer,))
+  step = train.compile_train_step(
+      train.create_train_step(config, generator, discriminator, mesh, hooks=hooks), mesh)
+  before = setup['state0']
+  after, metrics = jax.device_get(step(
+      train_state.create_sharded_train_state(config, generator, discriminator,
+                                             jax.random.PRNGKey(0), mesh),
+      sharding.make_global_batch(setup['batch'], mesh)))
+  b, res, c = config.train.batch_size, config.data.resolution, config.data.channels
+  assert config.train.d_steps == 1
+  assert seen == [(2 * b, res, res, c), (b, res, res, c)]
+  assert metrics['train/d_seen_max'] == 0 and metrics['train/g_seen_max'] == 0
+  # G's gradient is the regularizer's alone: its norm, a sum of n squares, within gamma_(n + 3).
+  kernel = np.asarray(before.g_params['linear']['kernel'], np.float64)
+  expected = np.linalg.norm(2 * g_weight * kernel)
+  assert abs(metrics['train/g_grad_norm'] - expected) <= tolerances.gamma(kernel.size + 3) * (
+      expected)
+  # D's bias gradient is 1e6 + O(1): Adam's first step (beta1 = 0) moves it by d_lr (1 - 1e-10).
+  assert config.train.beta1 == 0.0
+  bias_before = np.asarray(before.d_params['linear']['bias'])
+  bias_after = np.asarray(after.d_params['linear']['bias'])
+  lr = config.train.d_lr
+  tolerances.assert_within(bias_after, bias_before - lr, 2 * EPS32 * (np.abs(bias_before) + lr),
+                           'D bias after the regularized step')
+
+
 def test_skip_mode_keeps_the_state_of_a_non_finite_step(setup):
   """on_nonfinite='skip': an infinite G learning rate makes the step non-finite; it is undone."""
   config = copy.deepcopy(setup['config'])
@@ -327,8 +377,8 @@ def test_skip_mode_keeps_the_state_of_a_non_finite_step(setup):
   generator, discriminator, mesh = setup['generator'], setup['discriminator'], setup['mesh1']
   step = train.compile_train_step(train.create_train_step(config, generator, discriminator, mesh),
                                   mesh)
-  state = train.create_sharded_train_state(config, generator, discriminator, jax.random.PRNGKey(0),
-                                           mesh)
+  state = train_state.create_sharded_train_state(config, generator, discriminator,
+                                                 jax.random.PRNGKey(0), mesh)
   before = jax.device_get(state)
   after, metrics = jax.device_get(step(state, sharding.make_global_batch(setup['batch'], mesh)))
   assert not metrics['train/all_finite'] and int(after.step) == 1
@@ -374,8 +424,8 @@ def test_batch_that_does_not_split_into_micro_batches_names_the_fix(setup):
   sharding.check_batch_size(32, setup['mesh8'], grad_accum_steps=4)
   config = copy.deepcopy(setup['config'])
   config.train.grad_accum_steps = 3
-  with pytest.raises(ConfigError, match='multiple of 24'):
-    train.create_train_step(config, setup['generator'], setup['discriminator'], setup['mesh8'])
+  with pytest.raises(ConfigError, match='grad_accum_steps=3 micro-batches.*multiple of 3'):
+    config_check.check_config(config, setup['mesh8'])
 
 
 def test_micro_batches_keep_each_devices_examples(setup):
