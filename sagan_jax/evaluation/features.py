@@ -13,16 +13,17 @@ of the batch moments of G in training mode over N batches of random z and labels
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sagan_jax import inception
-from sagan_jax import metrics
 from sagan_jax import sampling
 from sagan_jax import sharding
+from sagan_jax.evaluation import inception
+from sagan_jax.evaluation import metrics
+from sagan_jax.evaluation.inception_weights import PTH_NAME
 from sagan_jax.layers import BATCH_STATS
 from sagan_jax.layers import SPECTRAL
 
@@ -49,7 +50,7 @@ def inception_net(variables, path: str) -> FeatureNet:
     return {'features': out['pool3'], 'logits': out['logits_unbiased']}
 
   return FeatureNet('inception', apply_fn, variables, 2048,
-                    {'network': f'pytorch-fid FID Inception-v3 ({inception.PTH_NAME})',
+                    {'network': f'pytorch-fid FID Inception-v3 ({PTH_NAME})',
                      'weights': str(path)})
 
 
@@ -143,6 +144,17 @@ class FeatureSet:
 
   def logits(self) -> np.ndarray:
     return np.concatenate(self._logits)
+
+
+def feature_sets(features_fn: Callable[[np.ndarray], Outputs],
+                 batches: Iterable[Dict[str, np.ndarray]], keep: int) -> Dict[str, FeatureSet]:
+  """FeatureSets (by network, without logits) of `batches`' images ({'image': [b, H, W, C]}):
+  real images, for reference statistics; `features_fn` is one of create_features_fn."""
+  sets = {}
+  for batch in batches:
+    for name, out in features_fn(batch['image']).items():
+      sets.setdefault(name, FeatureSet(keep, keep_logits=False)).update(out)
+  return sets
 
 
 def batch_counts(num: int, batch_size: int) -> Iterator[Tuple[int, int]]:
