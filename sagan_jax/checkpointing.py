@@ -285,3 +285,68 @@ def load_best_generator(workdir: epath.PathLike, use_ema: bool = True):
   params = generator['ema_params'] if use_ema else generator['params']
   return (config, models.create_generator(config), params, generator['state'], step,
           dict(restored['metadata'] or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Keeping WORKDIR/best by a score. Which way a score is better is the metric registry's
+# (sagan_jax.evaluation.registry), imported when first needed: restoring a checkpoint does not
+# load the metrics.
+
+
+def _metric_registry():
+  from sagan_jax.evaluation import registry  # pylint: disable=g-import-not-at-top
+  return registry
+
+
+def check_best_metric(metric: str) -> None:
+  """ConfigError unless `metric` is a score that ranks checkpoints."""
+  registry = _metric_registry()
+  if registry.score_direction(metric) is None:
+    raise ConfigError(f'eval.best_metric={metric!r} cannot rank checkpoints: choose one of '
+                      f'{", ".join(registry.ranking_scores())}, or an empty string for no best '
+                      'checkpoint')
+
+
+class BestCheckpoint:
+  """Keeps WORKDIR/best: G of the evaluated step with the best `metric` score so far.
+
+  'fid', 'kid' and 'fd_classifier' are better lower; 'is', 'precision', 'recall' and
+  'class_accuracy' higher (the registry says so for every score). A kept checkpoint chosen by
+  another metric is replaced by the next evaluation. With several processes, process 0's decision
+  holds for all.
+  """
+
+  def __init__(self, workdir: epath.PathLike, metric: str):
+    check_best_metric(metric)
+    registry = _metric_registry()
+    self.metric = metric
+    self.lower_is_better = registry.score_direction(metric) == registry.LOWER
+    self.manager = create_best_manager(workdir)
+    self.best = read_best(self.manager)
+
+  def is_better(self, value: float) -> bool:
+    if not float('-inf') < value < float('inf'):  # NaN or infinite: never the best.
+      return False
+    if self.best is None or self.best.get('metric') != self.metric:
+      return True
+    return value < self.best['value'] if self.lower_is_better else value > self.best['value']
+
+  def update(self, state: GANTrainState, config, scores: Dict[str, float]) -> bool:
+    """Saves G of `state` when `scores` beat the kept one; True when it did (all processes)."""
+    if self.metric not in scores:
+      return False
+    better = self.is_better(scores[self.metric])
+    if jax.process_count() > 1:
+      # pylint: disable=g-import-not-at-top
+      from jax.experimental import multihost_utils
+      import numpy as np
+      better = bool(multihost_utils.broadcast_one_to_all(np.int32(better)))
+    if better:
+      step = int(state.step)
+      metadata = {'step': step, 'metric': self.metric, 'value': float(scores[self.metric]),
+                  'scores': {k: float(v) for k, v in scores.items()}}
+      save_best(self.manager, state, config, metadata)
+      self.best = metadata
+      logging.info('New best checkpoint: %s=%.6g at step %d (%s)', self.metric,
+                   scores[self.metric], step, self.manager.directory)
+    return better

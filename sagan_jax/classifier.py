@@ -3,10 +3,11 @@
   python -m sagan_jax.classifier --config=configs/fashion_mnist.py \
       --out=runs/fashion_mnist/classifier.npz
 
-trains a small CNN on real images of the configured data set, at its resolution and channel count
-(through the training input pipeline), checks its accuracy on held-out real images, computes the
-128-d penultimate features of up to --num_reference_images training images (flips off) and saves
-parameters, metadata and those reference statistics in one .npz. The evaluator
+trains a small CNN (sagan_jax.evaluation.classifier: the network and the file) on real images of
+the configured data set, at its resolution and channel count (input_pipeline.create_eval_iterator),
+checks its accuracy on held-out real images, computes the 128-d penultimate features of up to
+--num_reference_images training images (flips off) and saves parameters, metadata and those
+reference statistics in one .npz. The evaluator
 (`python -m sagan_jax.evaluate --classifier=PATH`, or WORKDIR/classifier.npz) then reports
 `fd_classifier`, the Frechet distance between samples' and training images' features in this
 network (not FID: other features, not comparable with published numbers), and `class_accuracy`,
@@ -50,64 +51,24 @@ if __name__ == '__main__':
   cli.exit_if_help(__doc__, define_flags, takes_config=True)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import io
-import json
 import time
-import zipfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
-from etils import epath
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from sagan_jax import config_check
-from sagan_jax import features
-from sagan_jax import metrics
-from sagan_jax import reference_stats
 from sagan_jax import sharding
-from sagan_jax.errors import ConfigError
+from sagan_jax.evaluation import classifier as classifier_net
+from sagan_jax.evaluation import features
+from sagan_jax.evaluation import metrics
 
-FEATURE_DIM = 128
-FINAL_SIZE = 8  # Conv stages halve the images down to 8x8 before the dense layers.
 HELDOUT_SPLITS = {'fashion_mnist': 'train', 'imagenet2012': 'validation', 'cifar10': 'test'}
 
 
-class Classifier(nn.Module):
-  """Conv3x3-ReLU-maxpool stages down to 8x8 -> dense 128 (the features) -> dropout -> logits."""
-  num_classes: int
-  widths: Tuple[int, ...]
-  feature_dim: int = FEATURE_DIM
-  dropout_rate: float = 0.3
-
-  @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
-    x = images
-    for width in self.widths:
-      x = nn.relu(nn.Conv(width, (3, 3))(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    embedding = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
-    hidden = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
-    return {'features': embedding, 'logits': nn.Dense(self.num_classes)(hidden)}
-
-
-def stage_widths(resolution: int) -> Tuple[int, ...]:
-  """Channels of the conv stages: 32, 64, ... (at most 256), one stage per halving to 8x8."""
-  stages = int(np.log2(resolution // FINAL_SIZE)) if resolution >= FINAL_SIZE else -1
-  if stages < 0 or FINAL_SIZE * 2**stages != resolution:
-    raise ConfigError(f'the classifier needs a power-of-two resolution of at least {FINAL_SIZE}, '
-                      f'not {resolution}: set --config.data.resolution')
-  return tuple(min(32 * 2**i, 256) for i in range(stages))
-
-
-def create_classifier(data_config) -> Classifier:
-  return Classifier(data_config.num_classes, stage_widths(data_config.resolution))
-
-
-def create_train_step(model: Classifier, tx: optax.GradientTransformation):
+def create_train_step(model: classifier_net.Classifier, tx: optax.GradientTransformation):
   """A compiled Adam step on a batch with dropout; returns (params, opt_state)."""
 
   @jax.jit
@@ -122,7 +83,8 @@ def create_train_step(model: Classifier, tx: optax.GradientTransformation):
   return step
 
 
-def train(model: Classifier, batches, num_steps: int, seed: int, learning_rate: float = 1e-3):
+def train(model: classifier_net.Classifier, batches, num_steps: int, seed: int,
+          learning_rate: float = 1e-3):
   """Trains on `num_steps` batches ({'image', 'label'}) with Adam, the rate decaying to 0."""
   sample = next(batches)
   # Compiled: op by op, the initialization costs more than the training steps of a small run.
@@ -149,79 +111,6 @@ def accuracy(features_fn, batches) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The file: parameters, metadata and reference statistics in one .npz.
-
-
-def _flatten(tree, prefix: str = '') -> Dict[str, np.ndarray]:
-  out = {}
-  for name, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{name}/'))
-    else:
-      out[f'{prefix}{name}'] = np.asarray(value)
-  return out
-
-
-def _unflatten(arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
-  tree = {}
-  for path, value in arrays.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = jnp.asarray(value)
-  return tree
-
-
-def save(path: str, params, metadata: Dict[str, Any], reference: metrics.Reference) -> None:
-  """One .npz: 'params/...' arrays, 'metadata' (JSON) and the 'reference/...' statistics."""
-  arrays = {f'params/{k}': v for k, v in _flatten(jax.device_get(params)).items()}
-  arrays.update({'metadata': np.asarray(json.dumps(metadata, sort_keys=True)),
-                 'reference/mu': reference.mu, 'reference/sigma': reference.sigma,
-                 'reference/features': reference.features,
-                 'reference/info': np.asarray(json.dumps(reference.info, sort_keys=True))})
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(path).write_bytes(buffer.getvalue())
-
-
-def load_feature_net(path: str) -> Tuple[features.FeatureNet, metrics.Reference]:
-  """The classifier of a file written by `save` as a FeatureNet, and its reference statistics."""
-  if not epath.Path(path).exists():
-    raise ConfigError(f'classifier {path} not found: train it with `python -m sagan_jax.'
-                      'classifier --config=<the training config> --out=PATH`')
-  try:
-    with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as npz:
-      metadata = json.loads(str(npz['metadata']))
-      params = _unflatten({k[len('params/'):]: npz[k] for k in npz.files
-                           if k.startswith('params/')})
-      reference = metrics.Reference(npz['reference/mu'], npz['reference/sigma'],
-                                    npz['reference/features'],
-                                    json.loads(str(npz['reference/info'])))
-    model = Classifier(metadata['num_classes'], tuple(metadata['widths']),
-                       metadata['feature_dim'])
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    raise ConfigError(f'{path} is not a classifier file of `python -m sagan_jax.classifier` '
-                      f'({type(e).__name__}: {e}): train it again') from e
-  apply_fn = lambda variables, images: model.apply(variables, images)
-  description = {'network': 'sagan_jax.classifier (trained on the data set; not Inception)',
-                 'path': str(path), **metadata}
-  return (features.FeatureNet('classifier', apply_fn, {'params': params},
-                              metadata['feature_dim'], description), reference)
-
-
-def check_compatible(net: features.FeatureNet, config, path: str) -> None:
-  """ConfigError unless the classifier reads the generator's resolution, channels and classes."""
-  data = config.data
-  for field in ('resolution', 'channels', 'num_classes'):
-    if net.description[field] != data[field]:
-      raise ConfigError(f'{path} was trained on data.{field}={net.description[field]} but the '
-                        f'generator has data.{field}={data[field]}: train a classifier with the '
-                        'training config (python -m sagan_jax.classifier --config=... --out=...)')
-
-
-# ----------------------------------------------------------------------------------------------
 # Training a classifier file.
 
 
@@ -238,30 +127,33 @@ def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int
                            train_split: Optional[str] = None,
                            heldout_split: Optional[str] = None) -> Dict[str, Any]:
   """Trains the classifier on `config`'s data and writes `out`; returns its metadata."""
+  from sagan_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   start = time.perf_counter()
   default_train, default_heldout = default_splits(config.data)
   train_split = train_split or default_train
   heldout_split = heldout_split or default_heldout
-  model = create_classifier(config.data)
-  count, batches = reference_stats.real_image_batches(
-      config, None, batch_size, train_split, random_flip=config.data.random_flip, seed=seed)
+  model = classifier_net.create_classifier(config.data)
+  batches = input_pipeline.create_eval_iterator(config.data, batch_size, train_split, seed=seed,
+                                                random_flip=config.data.random_flip, repeat=True)
+  count = batches.dataset_size
   num_steps = max(1, int(epochs * count / batch_size))
   logging.info('Training the classifier on %d %s/%s images for %d steps', count,
                config.data.name, train_split, num_steps)
   params = train(model, batches, num_steps, seed)
-  net = features.FeatureNet('classifier', lambda v, x: model.apply(v, x), {'params': params},
-                            model.feature_dim, {})
+  net = classifier_net.feature_net(model, params, {})
   # One compiled forward for the held-out accuracy and the reference features.
   features_fn = features.create_features_fn([net], sharding.create_mesh(jax.local_devices()),
                                             batch_size=500)
   heldout_accuracy = None
-  if heldout_split:
-    _, heldout = reference_stats.real_image_batches(config, num_heldout, 500, heldout_split)
-    heldout_accuracy = accuracy(features_fn, heldout)
-  num_real, sets = reference_stats.real_features(config, features_fn, num_reference_images, 500)
-  mu, sigma = sets['classifier'].stats.statistics()
-  reference_info = {'data': config.data.name, 'split': config.data.split, 'num_images': num_real,
-                    'resolution': config.data.resolution, 'channels': config.data.channels}
+  if heldout_split and num_heldout:
+    heldout_accuracy = accuracy(features_fn, input_pipeline.create_eval_iterator(
+        config.data, 500, heldout_split, num_heldout))
+  real = input_pipeline.create_eval_iterator(config.data, 500, None, num_reference_images)
+  stats = features.feature_sets(features_fn, real, metrics.REFERENCE_FEATURES_KEPT)[
+      'classifier'].stats
+  reference_info = {'data': config.data.name, 'split': config.data.split,
+                    'num_images': real.num_examples, 'resolution': config.data.resolution,
+                    'channels': config.data.channels}
   metadata = {
       'num_classes': config.data.num_classes, 'widths': list(model.widths),
       'feature_dim': model.feature_dim, 'resolution': config.data.resolution,
@@ -269,8 +161,8 @@ def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int
       'train_images': count, 'train_steps': num_steps, 'heldout_split': heldout_split,
       'heldout_accuracy': heldout_accuracy, 'seed': seed,
       'seconds': round(time.perf_counter() - start, 1)}
-  save(out, params, metadata, metrics.Reference(mu, sigma, sets['classifier'].stats.kept(),
-                                                reference_info))
+  classifier_net.save(out, params, metadata, metrics.Reference(*stats.statistics(), stats.kept(),
+                                                               reference_info))
   return metadata
 
 

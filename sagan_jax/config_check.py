@@ -101,6 +101,7 @@ def _check_ranges(config) -> None:
 
 def _check_choices(config) -> None:
   # pylint: disable=g-import-not-at-top  (the tools' --help and input_pipeline need only the names)
+  from sagan_jax import checkpointing
   from sagan_jax import evaluation
   from sagan_jax import losses
   from sagan_jax import models
@@ -126,7 +127,7 @@ def _check_choices(config) -> None:
   eval_config = config.eval
   evaluation.check_settings(evaluation.settings_from_config(config))
   if eval_config.best_metric:
-    evaluation.check_best_metric(eval_config.best_metric)
+    checkpointing.check_best_metric(eval_config.best_metric)
 
 
 def check_config(config, mesh=None) -> None:

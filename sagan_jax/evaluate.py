@@ -6,7 +6,8 @@
 
 restores only the generator (the EMA weights unless --raw) of the newest checkpoint, of step N,
 or of WORKDIR/best (--best: the step with the best eval.best_metric seen during training), draws
---num_samples samples with labels uniform over the classes and scores them (sagan_jax.evaluation).
+--num_samples samples with labels uniform over the classes and scores them (sagan_jax.evaluation;
+the metrics are the entries of sagan_jax/evaluation/registry.py).
 Where the files come from, when the flag is not given: the FID Inception weights from
 eval.inception_path of the checkpoint's config, then $SAGAN_INCEPTION_PATH; the reference
 statistics from eval.reference_stats; the classifier from eval.classifier_path, then
@@ -26,9 +27,6 @@ from absl import logging
 
 from sagan_jax import cli
 from sagan_jax.errors import ConfigError
-
-# Metric names for --help without importing jax (sagan_jax.evaluation.METRICS; a test checks).
-METRIC_NAMES = ('fid', 'is', 'kid', 'precision_recall', 'fd_classifier', 'class_accuracy')
 
 
 def _variant(best: bool, use_ema: bool, truncation: float, standing_stats: int) -> str:
@@ -103,8 +101,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                      flag_values=fv)
   flags.DEFINE_integer('standing_stats', 0, 'Recompute BN statistics from this many batches of '
                        'G in training mode first (0: off).', flag_values=fv)
-  flags.DEFINE_list('metrics', None, f'Comma-separated subset of {",".join(METRIC_NAMES)} '
-                    '(default: all).', flag_values=fv)
+  flags.DEFINE_list('metrics', None, 'Comma-separated metric names: fid, is, kid, '
+                    'precision_recall, fd_classifier, class_accuracy or another of '
+                    'sagan_jax/evaluation/registry.py (default: all).', flag_values=fv)
   flags.DEFINE_string('reference_stats', None, 'Reference .npz (sagan_jax.reference_stats).',
                       flag_values=fv)
   flags.DEFINE_string('inception_path', None, 'FID Inception weights (.pth or converted .npz).',
@@ -116,7 +115,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def evaluate(fv: flags.FlagValues) -> int:
   """The tool: scores the checkpoint and prints the scores and the JSON's path."""
-  metrics = tuple(m.strip() for m in fv.metrics) if fv.metrics else METRIC_NAMES
+  # pylint: disable=g-import-not-at-top  (after the flags: --help loads no metrics)
+  from sagan_jax.evaluation import registry
+  metrics = tuple(m.strip() for m in fv.metrics) if fv.metrics else registry.metric_names()
   result, path = run(fv.workdir, fv.step, not fv.raw, fv.best, num_samples=fv.num_samples,
                      batch_size=fv.batch_size, truncation=fv.truncation,
                      standing_stats=fv.standing_stats, metrics=metrics,

@@ -1,9 +1,13 @@
-"""tf.data input pipelines with an exactly resumable position.
+"""tf.data input pipelines: the training stream with an exactly resumable position, and eval passes.
 
-Sources (`data.name`): 'imagenet2012' and 'cifar10' (prepared tfds sets, never downloaded),
-'folder' (a folder of images, `data.folder_dir`) and 'fashion_mnist' (the IDX files).
-`create_train_iterator` yields numpy dicts {'image': float32 [d_steps, B, H, W, C] in [-1, 1],
-'label': int32 [d_steps, B]}, B = this process's share of the global batch.
+The sources (`data.name`: Fashion-MNIST's IDX files, image folders, prepared tfds sets) live in
+sagan_jax.data_sources; here every source's records are decoded, brought to the configured
+resolution and channels, scaled to [-1, 1] and batched.
+- `create_train_iterator`: the endless, shuffled training stream of one process, {'image': float32
+  [d_steps, B, H, W, C] in [-1, 1], 'label': int32 [d_steps, B]}, B = this process's share of the
+  global batch.
+- `create_eval_iterator`: real images for reference statistics and the classifier, read by one
+  process: a finite pass, {'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b]}.
 
 Position. Each process numbers the examples it reads: `pos` counts its records across epochs
 (epoch = pos // n, offset = pos % n, n = its share of the data). Every epoch's order is fixed by
@@ -19,211 +23,24 @@ so resuming at `offset` reads and discards that epoch's first `offset` records (
 never decoded): at most one epoch of this process's share (for ImageNet on P processes, up to
 ~140 GB / P of reading) before the first batch.
 
-TensorFlow is imported here only, so models and the train step do not need it.
+TensorFlow is imported by the data layer only, so models and the train step do not need it.
 """
 
-import functools
-import gzip
-import os
-import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from sagan_jax import config_check
+from sagan_jax import data_sources
 from sagan_jax.errors import ConfigError
-
-FASHION_MNIST_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
-}
-TFDS_NAMES = config_check.TFDS_SOURCES
-SOURCES = config_check.DATA_SOURCES
-# What tf.io.decode_image reads; other files in class folders are ignored.
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
-FOLDER_LAYOUTS = 'root/class/image.jpg or root/<data.split>/class/image.jpg'
-
-# Keep TensorFlow off accelerators: tf.data only runs on the host.
-tf.config.set_visible_devices([], 'GPU')
-
-
-def _read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally gzipped) into a numpy array."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
-  _, dtype_code, ndim = struct.unpack('>HBB', data[:4])
-  if dtype_code != 0x08:
-    raise ConfigError(f'{path} is not an unsigned-byte IDX file')
-  shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _fashion_mnist_paths(directory: str, split: str):
-  """The split's image and label files; ConfigError naming the fix when one is missing."""
-  if split not in FASHION_MNIST_FILES:
-    raise ConfigError(f"Fashion-MNIST has no split '{split}': set --config.data.split to "
-                      f'train or test')
-  paths = [os.path.join(directory, name) for name in FASHION_MNIST_FILES[split]]
-  missing = [p for p in paths if not os.path.exists(p)]
-  if missing:
-    raise ConfigError(
-        f'Fashion-MNIST not found ({missing[0]} is missing): install Debian\'s package with '
-        f'`apt-get install dataset-fashion-mnist` (files go to /usr/share/datasets/fashion-mnist) '
-        f'or set --config.data.fashion_mnist_dir to the folder holding the IDX .gz files')
-  return paths
-
-
-def load_fashion_mnist(directory: str, split: str = 'train') -> Tuple[np.ndarray, np.ndarray]:
-  """Returns uint8 images [N, 28, 28, 1] and int32 labels [N] of a Fashion-MNIST split."""
-  paths = _fashion_mnist_paths(directory, split)
-  images, labels = (_read_idx(p) for p in paths)
-  if images.shape[0] != labels.shape[0]:
-    raise ConfigError(f'{paths[0]} and {paths[1]} hold different numbers of examples')
-  return images[..., None], labels.astype(np.int32)
-
-
-@functools.lru_cache(maxsize=4)
-def list_image_folder(folder_dir: Optional[str], split: str) -> Tuple[Tuple[str, ...],
-                                                                      Tuple[int, ...],
-                                                                      Tuple[str, ...]]:
-  """Lists a folder of images: (paths, labels, class names), sorted by class, then path.
-
-  Layouts: `root/<split>/class/...` (tfds ImageFolder) when `root/<split>` exists, else
-  `root/class/...`. Classes are the subfolders sorted by name (label = index); images are the
-  files with IMAGE_EXTENSIONS anywhere below them. Cached: check_source and the iterator list once.
-  """
-  fix = f'set --config.data.folder_dir to a folder laid out as {FOLDER_LAYOUTS}'
-  if not folder_dir or not tf.io.gfile.isdir(folder_dir):
-    raise ConfigError(f'image folder {folder_dir!r} does not exist: {fix}')
-  root = os.path.join(folder_dir, split)
-  root = root if tf.io.gfile.isdir(root) else folder_dir
-  classes = sorted(name.rstrip('/') for name in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(os.path.join(root, name)))
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    found = []
-    for directory, _, files in tf.io.gfile.walk(os.path.join(root, name)):
-      found += [os.path.join(directory, f) for f in files
-                if f.lower().endswith(IMAGE_EXTENSIONS)]
-    paths += sorted(found)
-    labels += [label] * len(found)
-  if not paths:
-    raise ConfigError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in class subfolders of '
-                      f'{root}: {fix}')
-  return tuple(paths), tuple(labels), tuple(classes)
-
-
-def _check_tfds(data_config) -> None:
-  builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
-  if not builder.is_prepared():
-    how = ('ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
-           'ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/ and run '
-           '`tfds build imagenet2012 --data_dir=<data_dir>`'
-           if data_config.name == 'imagenet2012' else
-           f'run `tfds build {data_config.name} --data_dir=<data_dir>` on a machine with internet')
-    raise ConfigError(
-        f"tfds data set '{data_config.name}' is not prepared in {builder.data_dir}: {how}, then "
-        f'set --config.data.tfds_data_dir=<data_dir> (this code never downloads)')
-  _check_num_classes(builder.info.features['label'].num_classes, data_config)
-
-
-def _check_num_classes(num_classes: int, data_config) -> None:
-  if num_classes > data_config.num_classes:
-    raise ConfigError(f'{data_config.name} has {num_classes} classes but data.num_classes is '
-                      f'{data_config.num_classes}: set --config.data.num_classes={num_classes}')
 
 
 def check_source(data_config) -> None:
   """Raises ConfigError, naming the fix, when the configured data cannot be read."""
-  if data_config.name not in SOURCES:
-    raise ConfigError(f"unknown data.name '{data_config.name}': set --config.data.name to one of "
-                      f'{sorted(SOURCES)}')
-  if data_config.name == 'fashion_mnist':
-    _fashion_mnist_paths(data_config.fashion_mnist_dir, data_config.split)
-  elif data_config.name == 'folder':
-    _, _, classes = list_image_folder(data_config.folder_dir, data_config.split)
-    _check_num_classes(len(classes), data_config)
-  else:
-    _check_tfds(data_config)
-
-
-def _derive_seed(*numbers: int) -> int:
-  """A 32-bit seed that depends on every number (seed, process, epoch, ...)."""
-  return int(np.random.SeedSequence([n % 2**64 for n in numbers]).generate_state(1)[0])
-
-
-class _IndexedSource:
-  """Records held as arrays (file paths or images): each epoch is a seeded index permutation."""
-
-  def __init__(self, fields: Dict[str, np.ndarray], base_seed: int):
-    self._fields, self._base_seed = fields, base_seed
-    self.num_examples = len(fields['label'])
-
-  def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng(_derive_seed(self._base_seed, epoch)).permutation(
-        self.num_examples)
-
-  def records(self, epoch: int, offset: int) -> tf.data.Dataset:
-    """The epoch's records from `offset` on, each with its position 'pos'."""
-    order = self._order(epoch)[offset:]
-    start = epoch * self.num_examples + offset
-    slices = {k: v[order] for k, v in self._fields.items()}
-    slices['pos'] = np.arange(start, start + len(order), dtype=np.int64)
-    return tf.data.Dataset.from_tensor_slices(slices)
-
-  def describe(self, pos: int) -> str:
-    if 'path' not in self._fields:
-      return f'example {pos}'
-    epoch, offset = divmod(pos, self.num_examples)
-    return str(self._fields['path'][self._order(epoch)[offset]])
-
-
-class _TfdsSource:
-  """A prepared tfds set: per-epoch seeded file shuffle and shuffle buffer; see module doc."""
-
-  def __init__(self, data_config, base_seed: int, process_index: int, process_count: int):
-    self._builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
-    self._split = tfds.split_for_jax_process(data_config.split, process_index=process_index,
-                                             process_count=process_count, drop_remainder=True)
-    self._buffer, self._base_seed = data_config.shuffle_buffer, base_seed
-    self.num_examples = self._builder.info.splits[self._split].num_examples
-
-  def records(self, epoch: int, offset: int) -> tf.data.Dataset:
-    """The epoch's records from `offset` on (skipped before decoding), with positions."""
-    read_config = tfds.ReadConfig(shuffle_seed=_derive_seed(self._base_seed, epoch, 0),
-                                  try_autocache=False)
-    ds = self._builder.as_dataset(split=self._split, shuffle_files=True, read_config=read_config,
-                                  decoders={'image': tfds.decode.SkipDecoding()})
-    ds = ds.map(tf.autograph.experimental.do_not_convert(
-        lambda ex: {'encoded': ex['image'], 'label': ex['label']}))
-    ds = ds.shuffle(self._buffer, seed=_derive_seed(self._base_seed, epoch, 1),
-                    reshuffle_each_iteration=False).skip(offset)
-    return ds.enumerate(start=epoch * self.num_examples + offset).map(
-        tf.autograph.experimental.do_not_convert(lambda pos, ex: {**ex, 'pos': pos}))
-
-  def describe(self, pos: int) -> str:
-    return f'{self._builder.name} record {pos}'
-
-
-def _create_source(data_config, base_seed: int, process_index: int, process_count: int):
-  """This process's share of the data, evenly split over processes (the remainder is dropped)."""
-  if data_config.name in TFDS_NAMES:
-    return _TfdsSource(data_config, base_seed, process_index, process_count)
-  if data_config.name == 'folder':
-    paths, labels, _ = list_image_folder(data_config.folder_dir, data_config.split)
-    fields = {'path': np.array(paths), 'label': np.array(labels, np.int32)}
-  else:
-    images, labels = load_fashion_mnist(data_config.fashion_mnist_dir, data_config.split)
-    fields = {'image': images, 'label': labels}
-  # Strided: sorted folders are grouped by class, and every process should see every class.
-  used = len(fields['label']) // process_count * process_count
-  return _IndexedSource({k: v[process_index:used:process_count] for k, v in fields.items()},
-                        base_seed)
+  data_sources.check_source(data_config)
 
 
 def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
@@ -283,18 +100,17 @@ def preprocess(example: Dict[str, tf.Tensor], data_config) -> Dict[str, tf.Tenso
   return out
 
 
-class TrainIterator:
-  """The endless training stream of one process; `position` says where it stands (module doc).
+class _Stream:
+  """The endless stream of one process in batches of `unit` examples (module doc: position).
 
   Each epoch is its own tf.data pipeline (records -> parallel decode -> skip unreadable ->
   parallel preprocess -> batch -> prefetch); the first batch of an epoch is completed with the
   last examples of the previous one, so batches run across epoch boundaries.
   """
 
-  def __init__(self, source, data_config, base_seed: int, unit: int, d_steps: int,
-               position: int):
+  def __init__(self, source, data_config, base_seed: int, unit: int, position: int):
     self._source, self._config, self._base_seed = source, data_config, base_seed
-    self._unit, self._d_steps = unit, d_steps
+    self._unit = unit
     self.position = position
     self.num_skipped = 0  # Unreadable records skipped by this iterator.
     self._epoch, self._offset = divmod(position, source.num_examples)
@@ -356,6 +172,7 @@ class TrainIterator:
                       skipped.size, ', '.join(self._source.describe(int(p)) for p in skipped[:3]))
 
   def __next__(self) -> Dict[str, np.ndarray]:
+    """The next batch of `unit` examples, flat."""
     parts, count = [], 0
     while count < self._unit:
       part = self._next_part(count)
@@ -367,6 +184,22 @@ class TrainIterator:
     pos = batch.pop('pos')
     self._count_skipped(pos)
     self.position = int(pos[-1]) + 1
+    return batch
+
+
+class TrainIterator(_Stream):
+  """The endless training stream of one process; `position` says where it stands (module doc).
+
+  Each batch of `unit` examples is split into `d_steps` batches, one per D step.
+  """
+
+  def __init__(self, source, data_config, base_seed: int, unit: int, d_steps: int,
+               position: int):
+    super().__init__(source, data_config, base_seed, unit, position)
+    self._d_steps = d_steps
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    batch = super().__next__()
     return {k: v.reshape((self._d_steps, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
@@ -394,10 +227,10 @@ def create_train_iterator(config, seed: int, position: Optional[int] = None,
   if batch_size % process_count:
     raise ConfigError(f'train.batch_size {batch_size} does not divide over {process_count} '
                       f'processes: set --config.train.batch_size to a multiple of {process_count}')
-  check_source(data_config)
+  data_sources.check_source(data_config)
   local_batch = batch_size // process_count
-  base_seed = _derive_seed(seed, process_index)
-  source = _create_source(data_config, base_seed, process_index, process_count)
+  base_seed = data_sources.derive_seed(seed, process_index)
+  source = data_sources.create_source(data_config, base_seed, process_index, process_count)
   if source.num_examples < local_batch:
     raise ConfigError(
         f'{source.num_examples} {data_config.name} images per process ({process_count} '
@@ -405,3 +238,78 @@ def create_train_iterator(config, seed: int, position: Optional[int] = None,
         f'--config.train.batch_size to at most {source.num_examples * process_count}')
   return TrainIterator(source, data_config, base_seed, local_batch * config.train.d_steps,
                        config.train.d_steps, int(position or 0))
+
+
+class EvalIterator:
+  """Batches of real images read by one process; see create_eval_iterator.
+
+  Attributes:
+    num_examples: the number of images it yields in all (None: endless).
+    dataset_size: the number of images in the split.
+    batch_size: images per batch (the last one may hold fewer).
+  """
+
+  def __init__(self, stream: _Stream, num_examples: Optional[int], dataset_size: int,
+               batch_size: int):
+    self._stream, self._left = stream, num_examples
+    self.num_examples, self.dataset_size, self.batch_size = num_examples, dataset_size, batch_size
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    if self._left is not None and self._left <= 0:
+      raise StopIteration
+    batch = next(self._stream)
+    if self._left is not None:
+      count = min(self._left, self.batch_size)
+      self._left -= count
+      batch = {k: v[:count] for k, v in batch.items()}
+    return batch
+
+
+def _with_fields(data_config, **fields) -> ml_collections.ConfigDict:
+  """A copy of `data_config` with `fields` replaced (the original stays as it is)."""
+  copy = ml_collections.ConfigDict(data_config.to_dict())
+  for name, value in fields.items():
+    copy[name] = value
+  return copy
+
+
+def create_eval_iterator(data_config, batch_size: int, split: Optional[str] = None,
+                         num_examples: Optional[int] = None, *, seed: int = 0,
+                         random_flip: bool = False, repeat: bool = False) -> EvalIterator:
+  """Real images of a split, read whole by this process: reference statistics, the classifier.
+
+  A finite pass by default: `num_examples` images (None: all of the split; never more), each once,
+  in an order shuffled by `seed`, so that fewer than all are a random subset. The images are the
+  training stream's (the same decoding, resolution, channels and positions; process 0 of 1 with
+  `seed`), flips off unless `random_flip`. With `repeat` the stream goes on over reshuffled epochs
+  (as training reads them) for `num_examples` images, endless when None: for training on it.
+  An unreadable image is skipped and the next one of the stream takes its place.
+
+  Args:
+    data_config: the `data` part of a training config.
+    batch_size: images per batch (at most the split's size, or the images of a finite pass).
+    split: the split to read (default data_config.split).
+    num_examples: how many images in all (default: the split's size; endless with `repeat`).
+    seed: seeds the order (and flips); the same seed reads the same images in the same order.
+    random_flip: flip images at random, as training does (seeded by `seed` and the position).
+    repeat: go on past the end of the split (into the next, reshuffled epoch).
+
+  Returns:
+    An EvalIterator of {'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b]}, b =
+    batch_size but in the last batch; its `num_examples` and `dataset_size` say how many images it
+    yields and the split holds.
+  """
+  fields = {'random_flip': random_flip, **({'split': split} if split is not None else {})}
+  data_config = _with_fields(data_config, **fields)
+  data_sources.check_source(data_config)
+  base_seed = data_sources.derive_seed(seed, 0)
+  source = data_sources.create_source(data_config, base_seed, process_index=0, process_count=1)
+  size = source.num_examples
+  if not repeat:
+    num_examples = size if num_examples is None else min(num_examples, size)
+  batch_size = min(batch_size, size if repeat else num_examples)
+  return EvalIterator(_Stream(source, data_config, base_seed, batch_size, 0), num_examples, size,
+                      batch_size)

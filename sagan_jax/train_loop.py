@@ -303,10 +303,10 @@ def _create_periodic_evaluation(config, workdir: epath.Path, generator, mesh, wr
     return None
   best = None
   if eval_config.best_metric:
-    evaluation.check_best_metric(eval_config.best_metric)
-    metric = evaluation.SCORE_METRIC.get(eval_config.best_metric, eval_config.best_metric)
+    checkpointing.check_best_metric(eval_config.best_metric)
+    metric = evaluation.metric_of_score(eval_config.best_metric)
     if metric in evaluator.metric_names:
-      best = evaluation.BestCheckpoint(workdir, eval_config.best_metric)
+      best = checkpointing.BestCheckpoint(workdir, eval_config.best_metric)
     else:
       logging.warning('eval.best_metric=%s is not evaluated (%s): no best checkpoint is kept',
                       eval_config.best_metric, evaluator.skipped.get(metric, 'not in eval.metrics'))

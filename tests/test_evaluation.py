@@ -18,18 +18,20 @@ import numpy as np
 import pytest
 
 from sagan_jax import checkpointing
-from sagan_jax import classifier
+from sagan_jax import classifier as classifier_tool
 from sagan_jax import evaluate
-from sagan_jax import evaluation
-from sagan_jax import features
-from sagan_jax import inception
+from sagan_jax import latents
 from sagan_jax import layers
-from sagan_jax import metrics
 from sagan_jax import models
 from sagan_jax import reference_stats
 from sagan_jax import sharding
 from sagan_jax import train_loop
 from sagan_jax.errors import ConfigError
+from sagan_jax.evaluation import classifier
+from sagan_jax.evaluation import evaluator
+from sagan_jax.evaluation import features
+from sagan_jax.evaluation import inception_weights
+from sagan_jax.evaluation import metrics
 from sagan_jax.train_state import GANTrainState
 from tests.conftest import tiny_config
 from tests.conftest import write_idx
@@ -104,8 +106,9 @@ def workdir(tmp_path_factory, config, state):
 @pytest.fixture(scope='module')
 def classifier_file(config, tmp_path_factory):
   path = str(tmp_path_factory.mktemp('classifier') / 'classifier.npz')
-  metadata = classifier.create_classifier_file(config, path, epochs=6, batch_size=50,
-                                               num_heldout=NUM_TRAIN, num_reference_images=1000)
+  metadata = classifier_tool.create_classifier_file(config, path, epochs=6, batch_size=50,
+                                                    num_heldout=NUM_TRAIN,
+                                                    num_reference_images=1000)
   return path, metadata
 
 
@@ -153,7 +156,7 @@ def create_direct_fn(config, net, padded):
 
   @jax.jit
   def run(params, g_state, variables, rng):
-    z, labels = features.eval_latents(rng, padded, config.model.z_dim, 10, 0.0)
+    z, labels = latents.sample_latents(rng, padded, config.model.z_dim, 10, 0.0)
     images = generator.apply({'params': params, **g_state}, z, labels, train=False)
     return labels, net.apply_fn(variables, features.quantize(images))
 
@@ -197,10 +200,10 @@ def test_fd_classifier_of_real_images_against_their_reference_is_about_zero(clas
                             ('test', square_images(NUM_TEST, 1))):
     sets[name] = features.FeatureSet(keep=0)
     sets[name].update(jax.device_get(net.apply_fn(net.variables, padded_real(images))))
-  same = evaluation.compute_scores(['fd_classifier'], {'classifier': sets['train']}, None,
+  same = evaluator.compute_scores(['fd_classifier'], {'classifier': sets['train']}, None,
+                                  {'classifier': reference})[0]['fd_classifier']
+  other = evaluator.compute_scores(['fd_classifier'], {'classifier': sets['test']}, None,
                                    {'classifier': reference})[0]['fd_classifier']
-  other = evaluation.compute_scores(['fd_classifier'], {'classifier': sets['test']}, None,
-                                    {'classifier': reference})[0]['fd_classifier']
   scale = np.trace(reference.sigma)
   # Identical statistics up to float32 feature noise (which enters FD at second order) and the
   # float64 sqrtm (here about 1e-11 of the scale); the features' 128 dims hold dead ReLU units,
@@ -212,14 +215,14 @@ def test_fd_classifier_of_real_images_against_their_reference_is_about_zero(clas
 
 def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
     workdir, classifier_file, config, state, monkeypatch, caplog, capsys):
-  monkeypatch.delenv(inception.ENV_VAR, raising=False)
+  monkeypatch.delenv(inception_weights.ENV_VAR, raising=False)
   with caplog.at_level(logging.WARNING):
     code = evaluate.main(['prog', f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
                           '--num_samples=150', '--batch_size=60'])
   assert code == 0
   skip_lines = [r.getMessage() for r in caplog.records if 'Inception metrics are skipped' in
                 r.getMessage()]
-  assert len(skip_lines) == 1 and inception.PTH_NAME in skip_lines[0]
+  assert len(skip_lines) == 1 and inception_weights.PTH_NAME in skip_lines[0]
   out = capsys.readouterr().out
   assert 'fid: skipped (no Inception weights)' in out and 'class_accuracy: ' in out
 
@@ -284,8 +287,8 @@ def test_inception_features_of_the_sharded_path_match_pytorch_fid(config, mesh):
   with np.load(os.path.join(FIXTURES, 'inception_parity.npz')) as fixture:
     images, expected = fixture['images'][:1], {k: fixture[f'torch64/{k}'][0] for k in (
         'pool3', 'logits_unbiased')}
-  variables = inception.variables_from_torch(
-      tool.seeded_state_dict(inception.torch_layout(), tool.SEED), 'seeded')
+  variables = inception_weights.variables_from_torch(
+      tool.seeded_state_dict(inception_weights.torch_layout(), tool.SEED), 'seeded')
   net = features.inception_net(variables, 'seeded')
   # Inception is slow on CPUs: 1 image, padded to 2 devices and cut back.
   features_fn = features.create_features_fn([net], sharding.create_mesh(jax.devices()[:2]))
@@ -299,11 +302,11 @@ def test_inception_features_of_the_sharded_path_match_pytorch_fid(config, mesh):
     np.testing.assert_allclose(out[key][0], expected[name], rtol=0,
                                atol=3e-3 * np.abs(expected[name]).max())
   # FID from 100 samples of 2048-d features is undefined: refused before any sampling.
-  settings = evaluation.Settings(metrics=('fid',), num_samples=100)
+  settings = evaluator.Settings(metrics=('fid',), num_samples=100)
   reference = metrics.Reference(np.zeros(2048), np.eye(2048), None, {'resolution': 32})
   with pytest.raises(ConfigError, match='fid needs more samples than features.*at least 2049'):
-    evaluation.Evaluator(models.create_generator(config), config.model.z_dim, mesh, settings,
-                         [net], {'inception': reference}, {})
+    evaluator.Evaluator(models.create_generator(config), config.model.z_dim, mesh, settings,
+                        [net], {'inception': reference}, {})
 
 
 def test_reference_statistics_of_another_resolution_or_feature_size_are_refused(tmp_path):
@@ -318,11 +321,11 @@ def test_reference_statistics_of_another_resolution_or_feature_size_are_refused(
   with np.load(path) as npz:  # Plain numpy readers see the essentials too.
     assert int(npz['resolution']) == 64 and npz['mu'].shape == (16,)
   with pytest.raises(ConfigError, match=r'computed at 64x64 px but the generator makes 128x128'):
-    evaluation.check_reference(reference, path, 16, 128, 'FID Inception')
+    evaluator.check_reference(reference, path, 16, 128, 'FID Inception')
   with pytest.raises(ConfigError, match=r'holds 16-d features but the FID Inception gives '
                                         r'2048-d'):
-    evaluation.check_reference(reference, path, 2048, 64, 'FID Inception')
-  evaluation.check_reference(reference, path, 16, 64, 'FID Inception')  # Matching: no error.
+    evaluator.check_reference(reference, path, 2048, 64, 'FID Inception')
+  evaluator.check_reference(reference, path, 16, 64, 'FID Inception')  # Matching: no error.
 
 
 class _Projection(nn.Module):
@@ -357,7 +360,7 @@ def test_reference_stats_cover_the_training_images_and_the_cli_needs_weights(
   with pytest.raises(ConfigError, match='needs more images than that'):
     reference_stats.compute_reference_stats(config, out, num_images=16, net=net)
 
-  monkeypatch.delenv(inception.ENV_VAR, raising=False)
+  monkeypatch.delenv(inception_weights.ENV_VAR, raising=False)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   assert reference_stats.main(['prog', f'--config={repo}/configs/fashion_mnist.py',
                                f'--out={out}']) == 2
@@ -395,8 +398,8 @@ def test_standing_statistics_are_the_mean_of_batch_moments(config, state, mesh):
   sums, bounds = {}, {}
   bn_inputs_fn = create_bn_inputs_fn(generator)
   for index in range(3):
-    z, labels = features.eval_latents(jax.random.fold_in(rng, index), 16, config.model.z_dim,
-                                      10, 0.0)
+    z, labels = latents.sample_latents(jax.random.fold_in(rng, index), 16, config.model.z_dim,
+                                       10, 0.0)
     for name, x in jax.device_get(bn_inputs_fn(params, g_state, z, labels)).items():
       x = np.asarray(x, np.float64)
       centred = np.abs(x - x.mean((0, 1, 2)))
@@ -425,7 +428,7 @@ def test_standing_statistics_are_the_mean_of_batch_moments(config, state, mesh):
                                                      ('class_accuracy', (0.5, 0.7, 0.6), 2)])
 def test_the_best_checkpoint_is_kept_by_its_metric(config, state, tmp_path, metric, values,
                                                    best_step):
-  keeper = evaluation.BestCheckpoint(tmp_path, metric)
+  keeper = checkpointing.BestCheckpoint(tmp_path, metric)
   states = {}
   for step, value in enumerate(values, 1):
     states[step] = state.replace(step=jnp.asarray(step, jnp.int32), ema_g_params=jax.tree.map(
@@ -439,16 +442,16 @@ def test_the_best_checkpoint_is_kept_by_its_metric(config, state, tmp_path, metr
     np.testing.assert_array_equal(a, b)
   assert os.listdir(checkpointing.best_checkpoint_dir(tmp_path)) == [str(best_step)]
   # A resumed run reads the kept best and only replaces it with a better score.
-  resumed = evaluation.BestCheckpoint(tmp_path, metric)
+  resumed = checkpointing.BestCheckpoint(tmp_path, metric)
   assert not resumed.is_better(values[2]) and not resumed.is_better(float('nan'))
   assert resumed.is_better(values[best_step - 1] + (-1 if metric == 'fid' else 1) * 0.1)
   with pytest.raises(ConfigError, match="eval.best_metric='is_std' cannot rank"):
-    evaluation.BestCheckpoint(tmp_path, 'is_std')
+    checkpointing.BestCheckpoint(tmp_path, 'is_std')
 
 
 def test_evaluation_during_training_logs_scores_and_keeps_the_best(
     config, state, mesh, classifier_file, tmp_path, caplog, monkeypatch):
-  shutil.copy(classifier_file[0], tmp_path / evaluation.CLASSIFIER_FILE)  # Found in the workdir.
+  shutil.copy(classifier_file[0], tmp_path / evaluator.CLASSIFIER_FILE)  # Found in the workdir.
   train_config = tiny_config(config.data.fashion_mnist_dir)
   train_config.eval.num_samples = 130
   train_config.eval.metrics = ('fid', 'class_accuracy')
@@ -476,7 +479,7 @@ def test_evaluation_during_training_logs_scores_and_keeps_the_best(
     calls.append(g_params)
     return {'class_accuracy': 0.25 * len(calls)}
 
-  monkeypatch.setattr(evaluation.Evaluator, '__call__', lambda self, p, s: fake_evaluator(p, s))
+  monkeypatch.setattr(evaluator.Evaluator, '__call__', lambda self, p, s: fake_evaluator(p, s))
   train_config.eval.every_steps = 5
   train_config.eval.best_metric = 'class_accuracy'
   evaluate_fn = train_loop._create_periodic_evaluation(train_config, tmp_path, generator, mesh,

@@ -17,9 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from sagan_jax import inception
-from sagan_jax import pth
+from sagan_jax import inception as converter
 from sagan_jax.errors import ConfigError
+from sagan_jax.evaluation import inception
+from sagan_jax.evaluation import inception_weights
+from sagan_jax.evaluation import pth
 from tests import tolerances
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +79,7 @@ def seeded_pth(seeded_state_dict, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def variables(seeded_pth):
-  return inception.load_variables(seeded_pth)
+  return inception_weights.load_variables(seeded_pth)
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +94,7 @@ def assert_close_to_max(actual, expected, rtol_of_max):
 
 def test_layout_is_pytorch_fid_state_dict_in_order(fixture):
   torch_layout = [(k, tuple(s)) for k, s in json.loads(str(fixture['layout']))]
-  assert list(inception.torch_layout()) == torch_layout
+  assert list(inception_weights.torch_layout()) == torch_layout
   assert len(torch_layout) == 566 and torch_layout[-2:] == [('fc.weight', (1008, 2048)),
                                                             ('fc.bias', (1008,))]
 
@@ -235,40 +237,40 @@ def test_torch_reads_our_file_and_we_read_torchs(tmp_path, seeded_pth, seeded_st
 
 def test_converter_cli_writes_npz_that_loads_identically(tmp_path, seeded_pth, variables, capsys):
   out = str(tmp_path / 'inception.npz')
-  assert inception.main(['prog', f'--inception_path={seeded_pth}', f'--out={out}']) == 0
+  assert converter.main(['prog', f'--inception_path={seeded_pth}', f'--out={out}']) == 0
   assert 'wrote' in capsys.readouterr().out
-  from_npz = inception.load_variables(out)
+  from_npz = inception_weights.load_variables(out)
   assert jax.tree_util.tree_structure(from_npz) == jax.tree_util.tree_structure(variables)
   for a, b in zip(jax.tree_util.tree_leaves(from_npz), jax.tree_util.tree_leaves(variables)):
     np.testing.assert_array_equal(a, b)
   absent = tmp_path / 'absent.pth'
-  assert inception.main(['prog', f'--inception_path={absent}', f'--out={out}']) == 2
+  assert converter.main(['prog', f'--inception_path={absent}', f'--out={out}']) == 2
   assert 'error: Inception weights not found at' in capsys.readouterr().err
 
 
 def test_missing_weights_give_none_and_the_download_hint(tmp_path, monkeypatch, caplog):
-  monkeypatch.delenv(inception.ENV_VAR, raising=False)
+  monkeypatch.delenv(inception_weights.ENV_VAR, raising=False)
   with caplog.at_level(logging.WARNING):
-    assert inception.load_inception_or_none(None) is None
-  assert inception.PTH_NAME in caplog.text and 'SAGAN_INCEPTION_PATH' in caplog.text
+    assert inception_weights.load_inception_or_none(None) is None
+  assert inception_weights.PTH_NAME in caplog.text and 'SAGAN_INCEPTION_PATH' in caplog.text
   absent = str(tmp_path / 'absent.pth')
-  monkeypatch.setenv(inception.ENV_VAR, absent)
-  assert inception.inception_weights_path(None) == absent
-  assert inception.inception_weights_path('/configured.pth') == '/configured.pth'
+  monkeypatch.setenv(inception_weights.ENV_VAR, absent)
+  assert inception_weights.inception_weights_path(None) == absent
+  assert inception_weights.inception_weights_path('/configured.pth') == '/configured.pth'
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    assert inception.load_inception_or_none(None) is None
-  assert f'not found at {absent}: download {inception.PTH_NAME}' in caplog.text
+    assert inception_weights.load_inception_or_none(None) is None
+  assert f'not found at {absent}: download {inception_weights.PTH_NAME}' in caplog.text
 
 
 def test_bad_files_raise_config_error(tmp_path, seeded_pth, seeded_state_dict):
   wrong = dict(seeded_state_dict)
   wrong['Mixed_6b.branch7x7_2.conv.weight'] = np.zeros((128, 128, 7, 1), np.float32)
   with pytest.raises(ConfigError, match=r'my\.pth: Mixed_6b\.branch7x7_2\.conv\.weight has shape'):
-    inception.variables_from_torch(wrong, 'my.pth')
+    inception_weights.variables_from_torch(wrong, 'my.pth')
   del wrong['Mixed_6b.branch7x7_2.conv.weight']
   with pytest.raises(ConfigError, match='missing'):
-    inception.variables_from_torch(wrong, 'my.pth')
+    inception_weights.variables_from_torch(wrong, 'my.pth')
 
   truncated = tmp_path / 'truncated.pth'
   with open(seeded_pth, 'rb') as f:
@@ -284,5 +286,5 @@ def test_bad_files_raise_config_error(tmp_path, seeded_pth, seeded_state_dict):
   for path, problem in ((truncated, 'cannot read'), (stats, "missing 'params/"),
                         (garbage, 'cannot read'), (malicious, 'unsupported object os.system')):
     with pytest.raises(ConfigError, match=problem) as info:
-      inception.load_variables(str(path))
+      inception_weights.load_variables(str(path))
     assert str(path) in str(info.value) and '\n' not in str(info.value)

@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
+from sagan_jax import data_sources
 from sagan_jax import input_pipeline
 from sagan_jax.errors import ConfigError
 from tests import tolerances
@@ -61,7 +62,7 @@ def _area_resize(image, resolution):
 
 
 def test_load_fashion_mnist_reads_idx_files(fake_fashion_mnist_dir):
-  images, labels = input_pipeline.load_fashion_mnist(fake_fashion_mnist_dir, 'train')
+  images, labels = data_sources.load_fashion_mnist(fake_fashion_mnist_dir, 'train')
   assert images.shape == (64, 28, 28, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, np.arange(64) % 10)
   assert images[3, 6, 4, 0] == 255 and images[3, 20, 4, 0] < 30  # Class 3's square at rows 6-13.
@@ -94,6 +95,41 @@ def test_train_batches_are_padded_scaled_and_seeded(fake_fashion_mnist_dir):
   assert not halves[0] & halves[1]
 
 
+def test_eval_iterator_reads_a_split_once_in_the_training_streams_order(fake_fashion_mnist_dir):
+  config = tiny_config(fake_fashion_mnist_dir)
+  config.train.d_steps, config.train.batch_size = 1, 16
+  config.data.random_flip = False
+  # The training stream of one process with the same seed, flips off: the same images in order.
+  stream = input_pipeline.create_train_iterator(config, seed=5, process_index=0, process_count=1)
+  first = _take(stream, 8)
+  expected = {k: np.concatenate([b[k][0] for b in first]) for k in ('image', 'label')}
+  assert len(expected['label']) == 128  # Two epochs of the 64 training images.
+  for num, batch_size, sizes in ((40, 16, [16, 16, 8]), (None, 30, [30, 30, 4]),
+                                 (1000, 64, [64]), (5, 64, [5])):
+    iterator = input_pipeline.create_eval_iterator(config.data, batch_size, num_examples=num,
+                                                   seed=5)
+    batches = list(iterator)
+    count = sum(sizes)
+    assert [len(b['label']) for b in batches] == sizes and iterator.num_examples == count
+    assert iterator.dataset_size == 64 and iterator.batch_size == min(batch_size, count)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in batches]),
+                                    expected[key][:count])
+  # Another split, and flips on: the flipped training stream.
+  test_split = list(input_pipeline.create_eval_iterator(config.data, 32, 'test'))
+  assert [len(b['label']) for b in test_split] == [32]
+  np.testing.assert_array_equal(np.sort(test_split[0]['label']), np.sort(np.arange(32) % 10))
+  assert config.data.split == 'train' and not config.data.random_flip  # Left as they were.
+  config.data.random_flip = True
+  flipped = input_pipeline.create_train_iterator(config, seed=5, process_index=0, process_count=1)
+  repeated = input_pipeline.create_eval_iterator(config.data, 16, seed=5, random_flip=True,
+                                                 repeat=True)
+  assert repeated.num_examples is None
+  for want, got in zip(_take(flipped, 6), _take(repeated, 6)):  # Across the epoch boundary.
+    np.testing.assert_array_equal(want['image'][0], got['image'])
+    np.testing.assert_array_equal(want['label'][0], got['label'])
+
+
 def test_folder_layouts_and_sorted_classes(tmp_path):
   image = np.zeros((4, 4, 3))
   for root in (tmp_path / 'plain', tmp_path / 'image_folder' / 'train'):
@@ -102,14 +138,14 @@ def test_folder_layouts_and_sorted_classes(tmp_path):
     _save(str(root / 'a_dog' / '3.PNG'), image)
     _corrupt(str(root / 'a_dog' / 'notes.txt'))
   _save(str(tmp_path / 'image_folder' / 'test' / 'c_cow' / '0.png'), image)
-  plain = input_pipeline.list_image_folder(str(tmp_path / 'plain'), 'train')
-  image_folder = input_pipeline.list_image_folder(str(tmp_path / 'image_folder'), 'train')
+  plain = data_sources.list_image_folder(str(tmp_path / 'plain'), 'train')
+  image_folder = data_sources.list_image_folder(str(tmp_path / 'image_folder'), 'train')
   for (paths, labels, classes), root in ((plain, tmp_path / 'plain'),
                                          (image_folder, tmp_path / 'image_folder' / 'train')):
     assert classes == ('a_dog', 'b_cat') and labels == (0, 1, 1)
     assert [os.path.relpath(p, root) for p in paths] == ['a_dog/3.PNG', 'b_cat/2.png',
                                                          'b_cat/deeper/1.jpg']
-  _, labels, classes = input_pipeline.list_image_folder(str(tmp_path / 'image_folder'), 'test')
+  _, labels, classes = data_sources.list_image_folder(str(tmp_path / 'image_folder'), 'test')
   assert classes == ('c_cow',) and labels == (0,)
 
 
@@ -220,7 +256,7 @@ def test_resume_is_exact_across_epochs_with_corrupt_images_and_flips(tmp_path):
 def tfds_metadata_dir(tmp_path_factory):
   """dataset_info.json of cifar10 and imagenet2012 with a small 'train' split, for mock_data."""
   data_dir = tmp_path_factory.mktemp('tfds')
-  for name in input_pipeline.TFDS_NAMES:
+  for name in data_sources.TFDS_NAMES:
     builder = tfds.builder(name, data_dir=str(data_dir))
     template = tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name,
                                              split='train', filetype_suffix='tfrecord')

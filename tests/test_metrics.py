@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sagan_jax import metrics
+from sagan_jax.evaluation import metrics
 from sagan_jax.errors import ConfigError
 from tests.tolerances import EPS64
 

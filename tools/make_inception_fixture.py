@@ -13,8 +13,9 @@ torch-written .pth files (zip and legacy formats) for the reader. Run it with a 
   /work/torchenv/bin/python tools/make_inception_fixture.py --out_dir=tests/fixtures
 
 `--save_pth=FILE` also writes the seeded weights with torch.save (about 95 MB) and
-`--check_pth=FILE` torch.loads a file written by `sagan_jax.pth.save_state_dict` and compares it
-with the seeded weights: together they check the torch-free reader and writer against torch.
+`--check_pth=FILE` torch.loads a file written by `sagan_jax.evaluation.pth.save_state_dict` and
+compares it with the seeded weights: together they check the torch-free reader and writer against
+torch.
 """
 
 import argparse
@@ -161,7 +162,8 @@ def main():
   parser.add_argument('--out_dir', default='tests/fixtures')
   parser.add_argument('--save_pth', default=None, help='Also torch.save the seeded weights here.')
   parser.add_argument('--check_pth', default=None,
-                      help='torch.load this file (from sagan_jax.pth.save_state_dict) and compare.')
+                      help='torch.load this file (from sagan_jax.evaluation.pth.save_state_dict) '
+                      'and compare.')
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top

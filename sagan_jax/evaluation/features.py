@@ -13,16 +13,17 @@ of the batch moments of G in training mode over N batches of random z and labels
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sagan_jax import inception
 from sagan_jax import latents
-from sagan_jax import metrics
 from sagan_jax import sharding
+from sagan_jax.evaluation import inception
+from sagan_jax.evaluation import metrics
+from sagan_jax.evaluation.inception_weights import PTH_NAME
 from sagan_jax.layers import BATCH_STATS
 from sagan_jax.layers import SPECTRAL
 
@@ -49,7 +50,7 @@ def inception_net(variables, path: str) -> FeatureNet:
     return {'features': out['pool3'], 'logits': out['logits_unbiased']}
 
   return FeatureNet('inception', apply_fn, variables, 2048,
-                    {'network': f'pytorch-fid FID Inception-v3 ({inception.PTH_NAME})',
+                    {'network': f'pytorch-fid FID Inception-v3 ({PTH_NAME})',
                      'weights': str(path)})
 
 
@@ -64,15 +65,10 @@ def padded_size(batch_size: int, mesh) -> int:
   return -(-batch_size // devices) * devices
 
 
-def eval_latents(rng: jax.Array, n: int, z_dim: int, num_classes: int, truncation: float):
-  """z (truncated when `truncation` > 0) and labels uniform over the classes."""
-  return latents.sample_latents(rng, n, z_dim, num_classes, truncation)
-
-
 def _sharded_latents(rng: jax.Array, size: int, z_dim: int, num_classes: int, truncation: float,
                      mesh):
-  """eval_latents inside a compiled function, the batch axis sharded over the mesh."""
-  z, labels = eval_latents(rng, size, z_dim, num_classes, truncation)
+  """latents.sample_latents inside a compiled function, the batch axis sharded over the mesh."""
+  z, labels = latents.sample_latents(rng, size, z_dim, num_classes, truncation)
   data = sharding.data_sharding(mesh)
   return tuple(jax.lax.with_sharding_constraint(x, data) for x in (z, labels))
 
@@ -87,8 +83,8 @@ def create_sample_features_fn(generator, z_dim: int, nets: Sequence[FeatureNet],
                               ) -> Callable[..., Tuple[Any, Outputs]]:
   """A compiled `fn(g_params, g_state, rng) -> (labels, outputs)` over one padded batch.
 
-  z and labels come from `eval_latents(rng, padded_size(batch_size), ...)`; the batch is sharded
-  over the mesh, everything else replicated; the networks' variables are arguments of the
+  z and labels come from `latents.sample_latents(rng, padded_size(batch_size), ...)`; the batch
+  is sharded over the mesh, everything else replicated; the networks' variables are arguments of the
   compiled function, not constants in it.
   """
   size, replicated = padded_size(batch_size, mesh), sharding.replicated(mesh)
@@ -141,6 +137,17 @@ class FeatureSet:
 
   def logits(self) -> np.ndarray:
     return np.concatenate(self._logits)
+
+
+def feature_sets(features_fn: Callable[[np.ndarray], Outputs],
+                 batches: Iterable[Dict[str, np.ndarray]], keep: int) -> Dict[str, FeatureSet]:
+  """FeatureSets (by network, without logits) of `batches`' images ({'image': [b, H, W, C]}):
+  real images, for reference statistics; `features_fn` is one of create_features_fn."""
+  sets = {}
+  for batch in batches:
+    for name, out in features_fn(batch['image']).items():
+      sets.setdefault(name, FeatureSet(keep, keep_logits=False)).update(out)
+  return sets
 
 
 def batch_counts(num: int, batch_size: int) -> Iterator[Tuple[int, int]]:

@@ -1,7 +1,7 @@
 """FID, Inception Score, KID and precision/recall from Inception outputs, in float64 on the host.
 
 Conventions are the field's (docs/recipe.md), so scores compare with published ones as long as the
-features come from the same network and resizing (sagan_jax.inception: pytorch-fid's FID
+features come from the same network and resizing (evaluation.inception: pytorch-fid's FID
 Inception) and the reference statistics from the same data:
 - FID (Heusel et al. 2017; pytorch-fid's `calculate_frechet_distance`): pool3 features, covariance
   with N - 1, `scipy.linalg.sqrtm` of the product, retried with 1e-6 I on both covariances when not

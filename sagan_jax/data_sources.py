@@ -1,0 +1,234 @@
+"""The data sources: where the images of `data.name` come from, each read by index or as a stream.
+
+- 'fashion_mnist': the IDX files (Debian's dataset-fashion-mnist, or `data.fashion_mnist_dir`);
+- 'folder': a folder of images, one subfolder per class (`data.folder_dir`);
+- 'imagenet2012', 'cifar10': prepared tfds sets, never downloaded.
+
+`create_source` gives one process's share of a split as records with positions (the input
+pipeline's module doc says how positions make the stream resumable); `check_source` says, naming
+the fix, when the configured data cannot be read. A new data set is a source here plus its name in
+config_check.DATA_SOURCES; sagan_jax.input_pipeline decodes, resizes and batches every source alike.
+"""
+
+import functools
+import gzip
+import os
+import struct
+from typing import Dict, Optional, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sagan_jax import config_check
+from sagan_jax.errors import ConfigError
+
+FASHION_MNIST_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+TFDS_NAMES = config_check.TFDS_SOURCES
+SOURCES = config_check.DATA_SOURCES
+# What tf.io.decode_image reads; other files in class folders are ignored.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+FOLDER_LAYOUTS = 'root/class/image.jpg or root/<data.split>/class/image.jpg'
+
+
+@functools.lru_cache(maxsize=None)
+def keep_tensorflow_off_gpus() -> None:
+  """Hides the GPUs from TensorFlow (once per process; later calls do nothing).
+
+  tf.data runs on the host only, and TensorFlow's runtime, once started, would reserve most of
+  each GPU's memory: the memory of the GPUs that JAX trains on. So every function that checks the
+  data or builds a tf.data pipeline calls this first, before TensorFlow's runtime starts (a
+  TensorBoard writer starts it too: the training loop checks the data before it makes one).
+  Hiding them at import time instead made importing this module a global side effect.
+  """
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError as e:  # TensorFlow's runtime has started: too late to hide them.
+    logging.warning('TensorFlow started before the input pipeline could hide the GPUs from it '
+                    '(%s): it may hold GPU memory that JAX needs', e)
+
+
+def _read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped) into a numpy array."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  _, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+  if dtype_code != 0x08:
+    raise ConfigError(f'{path} is not an unsigned-byte IDX file')
+  shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist_paths(directory: str, split: str):
+  """The split's image and label files; ConfigError naming the fix when one is missing."""
+  if split not in FASHION_MNIST_FILES:
+    raise ConfigError(f"Fashion-MNIST has no split '{split}': set --config.data.split to "
+                      f'train or test')
+  paths = [os.path.join(directory, name) for name in FASHION_MNIST_FILES[split]]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise ConfigError(
+        f'Fashion-MNIST not found ({missing[0]} is missing): install Debian\'s package with '
+        f'`apt-get install dataset-fashion-mnist` (files go to /usr/share/datasets/fashion-mnist) '
+        f'or set --config.data.fashion_mnist_dir to the folder holding the IDX .gz files')
+  return paths
+
+
+def load_fashion_mnist(directory: str, split: str = 'train') -> Tuple[np.ndarray, np.ndarray]:
+  """Returns uint8 images [N, 28, 28, 1] and int32 labels [N] of a Fashion-MNIST split."""
+  paths = _fashion_mnist_paths(directory, split)
+  images, labels = (_read_idx(p) for p in paths)
+  if images.shape[0] != labels.shape[0]:
+    raise ConfigError(f'{paths[0]} and {paths[1]} hold different numbers of examples')
+  return images[..., None], labels.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def list_image_folder(folder_dir: Optional[str], split: str) -> Tuple[Tuple[str, ...],
+                                                                      Tuple[int, ...],
+                                                                      Tuple[str, ...]]:
+  """Lists a folder of images: (paths, labels, class names), sorted by class, then path.
+
+  Layouts: `root/<split>/class/...` (tfds ImageFolder) when `root/<split>` exists, else
+  `root/class/...`. Classes are the subfolders sorted by name (label = index); images are the
+  files with IMAGE_EXTENSIONS anywhere below them. Cached: check_source and the iterator list once.
+  """
+  fix = f'set --config.data.folder_dir to a folder laid out as {FOLDER_LAYOUTS}'
+  if not folder_dir or not tf.io.gfile.isdir(folder_dir):
+    raise ConfigError(f'image folder {folder_dir!r} does not exist: {fix}')
+  root = os.path.join(folder_dir, split)
+  root = root if tf.io.gfile.isdir(root) else folder_dir
+  classes = sorted(name.rstrip('/') for name in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(os.path.join(root, name)))
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    found = []
+    for directory, _, files in tf.io.gfile.walk(os.path.join(root, name)):
+      found += [os.path.join(directory, f) for f in files
+                if f.lower().endswith(IMAGE_EXTENSIONS)]
+    paths += sorted(found)
+    labels += [label] * len(found)
+  if not paths:
+    raise ConfigError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in class subfolders of '
+                      f'{root}: {fix}')
+  return tuple(paths), tuple(labels), tuple(classes)
+
+
+def _check_tfds(data_config) -> None:
+  builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
+  if not builder.is_prepared():
+    how = ('ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
+           'ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/ and run '
+           '`tfds build imagenet2012 --data_dir=<data_dir>`'
+           if data_config.name == 'imagenet2012' else
+           f'run `tfds build {data_config.name} --data_dir=<data_dir>` on a machine with internet')
+    raise ConfigError(
+        f"tfds data set '{data_config.name}' is not prepared in {builder.data_dir}: {how}, then "
+        f'set --config.data.tfds_data_dir=<data_dir> (this code never downloads)')
+  _check_num_classes(builder.info.features['label'].num_classes, data_config)
+
+
+def _check_num_classes(num_classes: int, data_config) -> None:
+  if num_classes > data_config.num_classes:
+    raise ConfigError(f'{data_config.name} has {num_classes} classes but data.num_classes is '
+                      f'{data_config.num_classes}: set --config.data.num_classes={num_classes}')
+
+
+def check_source(data_config) -> None:
+  """Raises ConfigError, naming the fix, when the configured data cannot be read."""
+  keep_tensorflow_off_gpus()
+  if data_config.name not in SOURCES:
+    raise ConfigError(f"unknown data.name '{data_config.name}': set --config.data.name to one of "
+                      f'{sorted(SOURCES)}')
+  if data_config.name == 'fashion_mnist':
+    _fashion_mnist_paths(data_config.fashion_mnist_dir, data_config.split)
+  elif data_config.name == 'folder':
+    _, _, classes = list_image_folder(data_config.folder_dir, data_config.split)
+    _check_num_classes(len(classes), data_config)
+  else:
+    _check_tfds(data_config)
+
+
+def derive_seed(*numbers: int) -> int:
+  """A 32-bit seed that depends on every number (seed, process, epoch, ...)."""
+  return int(np.random.SeedSequence([n % 2**64 for n in numbers]).generate_state(1)[0])
+
+
+class IndexedSource:
+  """Records held as arrays (file paths or images): each epoch is a seeded index permutation."""
+
+  def __init__(self, fields: Dict[str, np.ndarray], base_seed: int):
+    self._fields, self._base_seed = fields, base_seed
+    self.num_examples = len(fields['label'])
+
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng(derive_seed(self._base_seed, epoch)).permutation(
+        self.num_examples)
+
+  def records(self, epoch: int, offset: int) -> tf.data.Dataset:
+    """The epoch's records from `offset` on, each with its position 'pos'."""
+    order = self._order(epoch)[offset:]
+    start = epoch * self.num_examples + offset
+    slices = {k: v[order] for k, v in self._fields.items()}
+    slices['pos'] = np.arange(start, start + len(order), dtype=np.int64)
+    return tf.data.Dataset.from_tensor_slices(slices)
+
+  def describe(self, pos: int) -> str:
+    if 'path' not in self._fields:
+      return f'example {pos}'
+    epoch, offset = divmod(pos, self.num_examples)
+    return str(self._fields['path'][self._order(epoch)[offset]])
+
+
+class TfdsSource:
+  """A prepared tfds set: per-epoch seeded file shuffle and shuffle buffer (input_pipeline's
+  module doc says what resuming costs)."""
+
+  def __init__(self, data_config, base_seed: int, process_index: int, process_count: int):
+    self._builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
+    self._split = tfds.split_for_jax_process(data_config.split, process_index=process_index,
+                                             process_count=process_count, drop_remainder=True)
+    self._buffer, self._base_seed = data_config.shuffle_buffer, base_seed
+    self.num_examples = self._builder.info.splits[self._split].num_examples
+
+  def records(self, epoch: int, offset: int) -> tf.data.Dataset:
+    """The epoch's records from `offset` on (skipped before decoding), with positions."""
+    read_config = tfds.ReadConfig(shuffle_seed=derive_seed(self._base_seed, epoch, 0),
+                                  try_autocache=False)
+    ds = self._builder.as_dataset(split=self._split, shuffle_files=True, read_config=read_config,
+                                  decoders={'image': tfds.decode.SkipDecoding()})
+    ds = ds.map(tf.autograph.experimental.do_not_convert(
+        lambda ex: {'encoded': ex['image'], 'label': ex['label']}))
+    ds = ds.shuffle(self._buffer, seed=derive_seed(self._base_seed, epoch, 1),
+                    reshuffle_each_iteration=False).skip(offset)
+    return ds.enumerate(start=epoch * self.num_examples + offset).map(
+        tf.autograph.experimental.do_not_convert(lambda pos, ex: {**ex, 'pos': pos}))
+
+  def describe(self, pos: int) -> str:
+    return f'{self._builder.name} record {pos}'
+
+
+def create_source(data_config, base_seed: int, process_index: int, process_count: int):
+  """This process's share of the data, evenly split over processes (the remainder is dropped).
+
+  Records come from `records(epoch, offset)` as a tf.data.Dataset with positions 'pos';
+  `num_examples` is the share's size.
+  """
+  keep_tensorflow_off_gpus()
+  if data_config.name in TFDS_NAMES:
+    return TfdsSource(data_config, base_seed, process_index, process_count)
+  if data_config.name == 'folder':
+    paths, labels, _ = list_image_folder(data_config.folder_dir, data_config.split)
+    fields = {'path': np.array(paths), 'label': np.array(labels, np.int32)}
+  else:
+    images, labels = load_fashion_mnist(data_config.fashion_mnist_dir, data_config.split)
+    fields = {'image': images, 'label': labels}
+  # Strided: sorted folders are grouped by class, and every process should see every class.
+  used = len(fields['label']) // process_count * process_count
+  return IndexedSource({k: v[process_index:used:process_count] for k, v in fields.items()},
+                       base_seed)
