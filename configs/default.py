@@ -82,8 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100  # Scalars to TensorBoard and the log.
   config.sample_every_steps = 5000  # PNG grids and TensorBoard images of fixed z and labels.
   config.checkpoint_every_steps = 5000  # Orbax checkpoints (resume picks the newest).
-  # Also checkpoint when this many minutes passed since the last save (0: only by steps), so a
-  # preemption that gives no warning loses at most this much time.
+  # Also checkpoint when the newest checkpoint is this many minutes old (0: only by steps), so a
+  # preemption that gives no warning loses at most this much time. A fresh run saves at once.
   config.checkpoint_every_minutes = 30.0
   config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
   # A profiler trace of this many steps from `profile_first_step` on, in WORKDIR/plugins/profile

@@ -24,6 +24,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from sagan_jax import models
 from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
+from sagan_jax.errors import first_line
 from sagan_jax.train_state import GANTrainState
 
 # Config fields that change the shapes of the saved state: a checkpoint written with other values
@@ -122,7 +123,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
           config=ocp.args.JsonRestore()))['config']
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('Checkpoint %d: config unreadable (%s); moved to %s', step,
-                      str(e).splitlines()[0][:200], _set_aside(manager, step))
+                      first_line(e, 200), _set_aside(manager, step))
       continue
     if config is not None:
       check_compatible(saved_config, config, manager.directory)
@@ -132,7 +133,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
           metadata=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('Checkpoint %d is unreadable (%s); moved to %s and trying the one before',
-                      step, str(e).splitlines()[0][:200], _set_aside(manager, step))
+                      step, first_line(e, 200), _set_aside(manager, step))
       continue
     return Restored(restored['state'], dict(restored['data'] or {}),
                     dict(restored['metadata'] or {}))
@@ -210,7 +211,7 @@ def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema:
   except Exception as e:  # pylint: disable=broad-except
     older = sorted(s for s in steps if s != step)
     raise ConfigError(f'checkpoint {step} in {directory} cannot be read '
-                      f'({str(e).splitlines()[0][:200]}): pass --step with one of {older}') from e
+                      f'({first_line(e, 200)}): pass --step with one of {older}') from e
   config = ml_collections.ConfigDict(restored['config'])
   generator = restored['generator']
   params = generator['ema_params'] if use_ema else generator['params']

@@ -89,8 +89,12 @@ def quiet_stderr():
 
 
 def import_tensorflow() -> None:
-  """Imports TensorFlow (tf.data, TensorBoard writers) without its C++ start-up lines."""
+  """Imports TensorFlow (tf.data, TensorBoard writers) without its C++ start-up lines.
+
+  Its C++ logs stay at errors unless TF_CPP_MIN_LOG_LEVEL says otherwise.
+  """
   if 'tensorflow' not in sys.modules:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     with quiet_stderr():
       import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 

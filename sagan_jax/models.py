@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sagan_jax import attention as attention_lib
 from sagan_jax import layers
 from sagan_jax.errors import ConfigError
 
@@ -73,14 +74,14 @@ def attention_widths(model_config, resolution: int) -> Tuple[int, ...]:
 
 def _block_size(model_config) -> int:
   # Configs saved in checkpoints before the field existed lack it.
-  return model_config.get('attention_block_size', layers.DEFAULT_BLOCK_SIZE)
+  return model_config.get('attention_block_size', attention_lib.DEFAULT_BLOCK_SIZE)
 
 
 def _check_attention_impl(model_config, resolution: int) -> None:
   impl = model_config.attention_impl
-  if impl not in layers.ATTENTION_CHOICES:
+  if impl not in attention_lib.ATTENTION_CHOICES:
     raise ConfigError(f"unknown model.attention_impl '{impl}': set --config.model.attention_impl "
-                      f'to one of {sorted(layers.ATTENTION_CHOICES)}')
+                      f'to one of {sorted(attention_lib.ATTENTION_CHOICES)}')
   if _block_size(model_config) < 1:
     raise ConfigError(f'model.attention_block_size={_block_size(model_config)} must be '
                       'positive: set --config.model.attention_block_size=512')
@@ -178,7 +179,7 @@ class Generator(nn.Module):
   attention: Sequence[int] = (64,)
   weight_init: str = 'xavier'
   attention_impl: str = 'fused'
-  attention_block_size: int = layers.DEFAULT_BLOCK_SIZE
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK_SIZE
   bn_momentum: float = 0.9
   dtype: jnp.dtype = jnp.float32
 
@@ -211,7 +212,7 @@ class Discriminator(nn.Module):
   attention: Sequence[int] = (64,)
   weight_init: str = 'xavier'
   attention_impl: str = 'fused'
-  attention_block_size: int = layers.DEFAULT_BLOCK_SIZE
+  attention_block_size: int = attention_lib.DEFAULT_BLOCK_SIZE
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

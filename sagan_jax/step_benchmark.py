@@ -103,6 +103,27 @@ def _time_phase(compiled, state, batch, steps: int, warmup: int):
   return state, (time.perf_counter() - start) / steps
 
 
+def _measure_phase(config, step, step_phases, state, batch, mesh, counts, images: int,
+                   peak: Optional[float], twin_flops: bool):
+  """Compiles `step`, counts its FLOPs and times it; returns (state, the phase's numbers)."""
+  num_devices = mesh.devices.size
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  if twin_flops:
+    flops = loop_free_flops(config, step_phases, state, batch, mesh)
+  else:  # The compiled program is one device's share.
+    per_device = _flops(compiled.cost_analysis())
+    flops = per_device * num_devices if per_device else None
+  state, step_s = _time_phase(compiled, state, batch, *counts)
+  tflops = flops / step_s / num_devices / 1e12 if flops else None
+  return state, {
+      'step_ms': step_s * 1e3, 'images_per_s': images / step_s, 'compile_s': compile_s,
+      'flops_per_step': flops, 'tflops_per_s_per_device': tflops,
+      'mfu': tflops / peak if tflops and peak else None,
+      'compiled_bytes_per_device': _compiled_bytes(compiled)}
+
+
 def run_benchmark(config, steps: int = 10, warmup: int = 2,
                   peak_tflops: Optional[float] = None,
                   phases: Sequence[str] = tuple(name for name, _ in PHASES)) -> Dict[str, Any]:
@@ -136,25 +157,11 @@ def run_benchmark(config, steps: int = 10, warmup: int = 2,
             'g_step': config.train.batch_size}
   results = {}
   for name, step_phases in PHASES:
-    if name not in phases:
-      continue
-    step = train.compile_train_step(
-        train.create_train_step(config, generator, discriminator, mesh, step_phases), mesh)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    if twin_flops:
-      flops = loop_free_flops(config, step_phases, state, batch, mesh)
-    else:  # The compiled program is one device's share.
-      per_device = _flops(compiled.cost_analysis())
-      flops = per_device * num_devices if per_device else None
-    state, step_s = _time_phase(compiled, state, batch, steps, warmup)
-    tflops = flops / step_s / num_devices / 1e12 if flops else None
-    results[name] = {
-        'step_ms': step_s * 1e3, 'images_per_s': images[name] / step_s, 'compile_s': compile_s,
-        'flops_per_step': flops, 'tflops_per_s_per_device': tflops,
-        'mfu': tflops / peak if tflops and peak else None,
-        'compiled_bytes_per_device': _compiled_bytes(compiled)}
+    if name in phases:
+      step = train.compile_train_step(
+          train.create_train_step(config, generator, discriminator, mesh, step_phases), mesh)
+      state, results[name] = _measure_phase(config, step, step_phases, state, batch, mesh,
+                                            (steps, warmup), images[name], peak, twin_flops)
   memory = peak_memory_bytes()
   m = config.model
   return {

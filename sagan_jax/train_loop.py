@@ -3,7 +3,7 @@
 import functools
 import signal
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from absl import logging
 from clu import metric_writers
@@ -23,6 +23,7 @@ from sagan_jax import sharding
 from sagan_jax import train
 from sagan_jax import train_state
 from sagan_jax.errors import ConfigError
+from sagan_jax.errors import first_line
 from sagan_jax.errors import TrainingError
 
 
@@ -153,7 +154,7 @@ def _save(manager, state, config, data, metadata) -> None:
   except Exception as e:  # pylint: disable=broad-except
     raise TrainingError(
         f'could not write the checkpoint of step {int(state.step)} to {manager.directory} '
-        f'({str(e).splitlines()[0][:300]}); the newest complete checkpoint is step '
+        f'({first_line(e)}); the newest complete checkpoint is step '
         f'{manager.latest_step()}: free space or fix the permissions, then run again') from e
 
 
@@ -217,7 +218,6 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   first_step = int(state.step)
   logging.info('Starting at step %d of %d (%d devices, %d processes) in %s', first_step,
                config.train.num_steps, mesh.devices.size, jax.process_count(), workdir)
-
   position = _data_position(config, restored, first_step)
   train_iter = input_pipeline.create_train_iterator(
       config, seed=config.seed if position is not None or not first_step else
@@ -227,37 +227,57 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   sample_fn = sampling.create_sample_fn(generator)
   grid_inputs = sampling.grid_latents(config.sample, config.model.z_dim, config.data.num_classes,
                                       config.seed)
-  write_grid = functools.partial(_write_grid, workdir, writer, sample_fn=sample_fn,
-                                 grid_inputs=grid_inputs, use_ema=config.sample.use_ema,
-                                 rows=min(config.sample.num_rows, config.data.num_classes))
-  progress = reporting.ProgressLogger(writer, first_step, config.train.num_steps)
-  profile = reporting.create_profiler(config, workdir)
-  # Evaluation during training (eval.every_steps; None when off): see the helpers at the end.
-  evaluate_fn = _create_periodic_evaluation(config, workdir, generator, mesh, writer)
-  eval_scores: Dict[str, float] = {}  # The newest evaluation's scores.
+  periodic = _Periodic(
+      write_grid=functools.partial(_write_grid, workdir, writer, sample_fn=sample_fn,
+                                   grid_inputs=grid_inputs, use_ema=config.sample.use_ema,
+                                   rows=min(config.sample.num_rows, config.data.num_classes)),
+      progress=reporting.ProgressLogger(writer, first_step, config.train.num_steps),
+      profile=reporting.create_profiler(config, workdir),
+      # Evaluation during training (eval.every_steps; None when off): the helpers at the end.
+      evaluate=_create_periodic_evaluation(config, workdir, generator, mesh, writer))
+  state, stopped = _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
+                              periodic)
+  if config.sample.final_per_class and not stopped:
+    _write_final_samples(workdir, config, sample_fn, state)
+  writer.flush()
+  return state
+
+
+class _Periodic(NamedTuple):
+  """What the loop does besides stepping, each at its own interval."""
+  write_grid: Callable[..., None]  # sample_every_steps
+  progress: reporting.ProgressLogger  # every step; logs every log_every_steps
+  profile: Callable[[int], None]  # profile_first_step ...
+  evaluate: Optional[Callable[..., Dict[str, float]]]  # eval.every_steps, or None
+
+
+def _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
+               periodic: _Periodic):
+  """Steps to train.num_steps or to a SIGTERM, saving as the policy says; (state, stopped)."""
   saved_metadata = restored.metadata if restored else {}
   elapsed = float(saved_metadata.get('elapsed_seconds', 0.0))
   guard = _NonFiniteGuard(config.train.on_nonfinite, int(saved_metadata.get('nonfinite_skips', 0)))
   start_time = time.monotonic()
   num_steps, previous_metrics, last_scalars = config.train.num_steps, None, {}
+  eval_scores: Dict[str, float] = {}  # The newest evaluation's scores.
   with _PreemptionWatcher() as preemption:
-    for step in range(first_step + 1, num_steps + 1):
+    for step in range(int(state.step) + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding.make_global_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
       if previous_metrics is not None:  # Checked one step late: the host never waits here.
         guard.check(step - 1, previous_metrics, manager)
       previous_metrics = metrics
-      progress.add(metrics)
-      profile(step)
+      periodic.progress.add(metrics)
+      periodic.profile(step)
       last = step == num_steps
       if step % config.log_every_steps == 0 or last:
-        last_scalars = progress(step, {'train/nonfinite_skips': guard.skips}
-                                if guard.action == 'skip' else {})
+        last_scalars = periodic.progress(step, {'train/nonfinite_skips': guard.skips}
+                                         if guard.action == 'skip' else {})
       if step % config.sample_every_steps == 0 or last:
-        write_grid(step, state=state)
-      if evaluate_fn is not None and (step % config.eval.every_steps == 0 or last):
-        eval_scores = evaluate_fn(step, state)
+        periodic.write_grid(step, state=state)
+      if periodic.evaluate is not None and (step % config.eval.every_steps == 0 or last):
+        eval_scores = periodic.evaluate(step, state)
       stop = preemption.check(step)
       if last or stop or _save_due(manager, config, step):
         guard.check(step, metrics, manager)
@@ -268,17 +288,19 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
       if stop:
         logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
         break
-    try:
-      manager.wait_until_finished()
-      manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
-      raise TrainingError(f'the last checkpoint could not be written to {manager.directory} '
-                          f'({str(e).splitlines()[0][:300]}); the newest complete one is step '
-                          f'{manager.latest_step()}: free space or fix the permissions') from e
-  if config.sample.final_per_class and not preemption.requested:
-    _write_final_samples(workdir, config, sample_fn, state)
-  writer.flush()
-  return state
+    _wait_for_saves(manager)
+  return state, preemption.requested
+
+
+def _wait_for_saves(manager) -> None:
+  """Blocks until the asynchronous saves are written; TrainingError when one failed."""
+  try:
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise TrainingError(f'the last checkpoint could not be written to {manager.directory} '
+                        f'({first_line(e)}); the newest complete one is step '
+                        f'{manager.latest_step()}: free space or fix the permissions') from e
 
 
 # ----------------------------------------------------------------------------------------------

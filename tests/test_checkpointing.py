@@ -3,10 +3,14 @@
 import dataclasses
 import datetime
 import errno
+import json
 import os
+import tarfile
 from typing import Any, NamedTuple
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -19,6 +23,7 @@ from sagan_jax import train_state
 from sagan_jax import train_loop
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import TrainingError
+from tests import tolerances
 from tests.conftest import tiny_config
 
 
@@ -137,3 +142,45 @@ def test_saves_come_every_k_steps_and_every_t_minutes_whichever_is_first():
   policy = checkpointing.save_decision_policy(config)
   assert policy.should_save(at(1), [], context=idle)
   assert due(policy)[:3] == [18, 36, 54] and 100 not in due(policy)
+
+
+def _sums_agree(arrays, expected, what):
+  """Each array's float64 sum equals the recorded one within gamma_n of its sum of |terms|."""
+  assert len(arrays) == len(expected), (what, len(arrays), len(expected))
+  for array, (total, abs_total, shape) in zip(arrays, expected):
+    assert list(array.shape) == shape, (what, array.shape, shape)
+    bound = tolerances.gamma(array.size + 1, tolerances.EPS64) * abs_total
+    assert abs(np.sum(array, dtype=np.float64) - total) <= bound, (what, shape)
+
+
+def test_a_checkpoint_written_before_the_refactor_restores(tmp_path):
+  """tests/fixtures/checkpoint_3e6fddf.tar.xz: 2 steps of the tiny config (ch 8, z_dim 8) written
+  by commit 3e6fddf, before the train step, evaluation and checkpoint policies were reorganized;
+  the _sums.json beside it holds each array's sum and sum of |x| read back by that commit."""
+  fixtures = os.path.join(os.path.dirname(__file__), 'fixtures')
+  with tarfile.open(os.path.join(fixtures, 'checkpoint_3e6fddf.tar.xz')) as archive:
+    archive.extractall(tmp_path, filter='data')
+  with open(os.path.join(fixtures, 'checkpoint_3e6fddf_sums.json')) as f:
+    recorded = json.load(f)['leaves']
+  config, generator, params, g_state, step = checkpointing.load_generator(tmp_path)
+  assert step == 2 and config.model.z_dim == 8
+  ema = flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
+  _sums_agree([np.asarray(ema[k]) for k in sorted(ema)],
+              [recorded[f'generator/ema_params/{k}'] for k in sorted(ema)], 'G EMA')
+  images = generator.apply({'params': params, **g_state}, jnp.zeros((2, 8)),
+                           jnp.arange(2, dtype=jnp.int32), train=False)
+  assert images.shape == (2, 32, 32, 1) and bool(jnp.all(jnp.isfinite(images)))
+  # The whole train state, restored into today's GANTrainState as a resumed run does.
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  manager = checkpointing.create_checkpoint_manager(tmp_path, config)
+  discriminator = models.create_models(config)[1]
+  state, restored = train_loop._restore_or_create(config, manager, generator, discriminator, mesh)
+  assert restored is not None and int(state.step) == 2
+  assert restored.data == {'process_count': 1, 'positions': [16]}
+  by_size = lambda item: item[:2]  # (shape, sum of |x|): the leaves' order in both lists.
+  leaves = sorted(((tuple(np.shape(x)), float(np.sum(np.abs(np.asarray(x, np.float64)))),
+                    np.asarray(x)) for x in jax.tree.leaves(jax.device_get(state))), key=by_size)
+  expected = sorted(((tuple(shape), abs_total, [total, abs_total, shape])
+                     for key, (total, abs_total, shape) in recorded.items()
+                     if key.startswith('state/')), key=by_size)
+  _sums_agree([leaf[2] for leaf in leaves], [e[2] for e in expected], 'train state')

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sagan_jax import attention
 from sagan_jax import layers
 from tests import tolerances
 from tests.tolerances import EPS32
@@ -104,12 +105,12 @@ def test_conv_kernel_is_normalized_as_a_matrix_of_shape_fan_in_by_out():
 
 
 def test_u_changes_in_training_and_not_in_evaluation():
-  attention = layers.SelfAttention()
+  block = layers.SelfAttention()
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 16))
-  variables = attention.init(jax.random.PRNGKey(0), x, update_sn=True)
+  variables = block.init(jax.random.PRNGKey(0), x, update_sn=True)
   before = variables['spectral']
-  _, trained = attention.apply(variables, x, update_sn=True, mutable=['spectral'])
-  _, evaluated = attention.apply(variables, x, update_sn=False, mutable=['spectral'])
+  _, trained = block.apply(variables, x, update_sn=True, mutable=['spectral'])
+  _, evaluated = block.apply(variables, x, update_sn=False, mutable=['spectral'])
   for name in ('theta', 'phi', 'g', 'o'):
     assert not np.allclose(trained['spectral'][name]['u'], before[name]['u'])
     np.testing.assert_array_equal(evaluated['spectral'][name]['u'], before[name]['u'])
@@ -320,14 +321,14 @@ def attention_operands():
   phi = jax.random.normal(keys[1], (2, 10, 4))
   g = jax.random.normal(keys[2], (2, 10, 16))
   weights = jax.random.normal(keys[3], (2, 40, 16))
-  out, grads = _weighted_value_and_grads(layers.attention_einsum, weights, theta, phi, g)
+  out, grads = _weighted_value_and_grads(attention.attention_einsum, weights, theta, phi, g)
   return theta, phi, g, weights, out, grads
 
 
-def _weighted_value_and_grads(attention, weights, *operands):
-  """attention(*operands) and the gradients of sum(weights * attention(...)), in one jit."""
+def _weighted_value_and_grads(attend, weights, *operands):
+  """attend(*operands) and the gradients of sum(weights * attend(...)), in one jit."""
   def loss(*args):
-    out = attention(*args)
+    out = attend(*args)
     return jnp.sum(weights * out), out
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(*operands)[::-1]
 
@@ -337,8 +338,8 @@ def test_blockwise_attention_equals_einsum(attention_operands, block_size):
   """10 keys: blocks of 3 leave a padded last block, 5 gives two full ones, 512 one of 10."""
   theta, phi, g, weights, expected_out, expected_grads = attention_operands
   out, grads = _weighted_value_and_grads(
-      lambda *args: layers.attention_blockwise(*args, block_size=block_size), weights, theta, phi,
-      g)
+      lambda *args: attention.attention_blockwise(*args, block_size=block_size), weights, theta,
+      phi, g)
   # Two float32 computations of the same sums in other orders: twice the bound of each.
   errors = attention_core_error(theta, phi, g, weights, -(-phi.shape[1] // block_size))
   tolerances.assert_within(out, expected_out, 2 * errors['out'], 'out')
@@ -349,12 +350,12 @@ def test_blockwise_attention_equals_einsum(attention_operands, block_size):
 def test_blockwise_attention_keeps_bfloat16_and_float32_statistics(attention_operands):
   theta, phi, g = attention_operands[:3]
   bf16 = [x.astype(jnp.bfloat16) for x in (theta, phi, g)]
-  out = layers.attention_blockwise(*bf16, block_size=4)
+  out = attention.attention_blockwise(*bf16, block_size=4)
   assert out.dtype == jnp.bfloat16
   # Both read the same bf16 inputs, with softmax and sums in float32; the blockwise path also
   # rounds the probabilities (before p g) and the output to bf16: at most u_bf16 of each term of
   # p g and of the result, on top of the float32 bound of two computations.
-  reference = layers.attention_einsum(*[x.astype(jnp.float32) for x in bf16])
+  reference = attention.attention_einsum(*[x.astype(jnp.float32) for x in bf16])
   inputs = [np.asarray(x, np.float64) for x in bf16]
   logits = inputs[0] @ inputs[1].transpose(0, 2, 1)
   attn = np.exp(logits - logits.max(-1, keepdims=True))
@@ -367,9 +368,9 @@ def test_blockwise_attention_keeps_bfloat16_and_float32_statistics(attention_ope
 
 def test_auto_attention_picks_blockwise_for_many_keys_off_gpu():
   assert jax.default_backend() == 'cpu'
-  assert layers.resolve_attention_impl('auto', 4096, 16, jnp.bfloat16, 512) == 'blockwise'
-  assert layers.resolve_attention_impl('auto', 256, 16, jnp.float32, 512) == 'fused'
-  assert layers.resolve_attention_impl('einsum', 4096, 16, jnp.float32, 512) == 'einsum'
+  assert attention.resolve_attention_impl('auto', 4096, 16, jnp.bfloat16, 512) == 'blockwise'
+  assert attention.resolve_attention_impl('auto', 256, 16, jnp.float32, 512) == 'fused'
+  assert attention.resolve_attention_impl('einsum', 4096, 16, jnp.float32, 512) == 'einsum'
 
 
 def test_blockwise_self_attention_matches_numpy_authors_block(attention_case):
