@@ -23,8 +23,16 @@ def get_config() -> ml_collections.ConfigDict:
   data.resolution = 128  # Image size in pixels: 32, 64, 128 or 256.
   data.channels = 3  # 3 (RGB) or 1 (grayscale); images of other kinds are converted, alpha dropped.
   data.num_classes = 1000  # Number of class labels (conditional BN tables, projection embedding).
+  # Decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the centred square
+  # stays at least data.resolution px, then area-resize: about 1.4x faster decoding, with pixels
+  # slightly different from a full decode (False: decode at full size).
+  data.jpeg_downscale = True
+  # Global batches built and put on the devices ahead of the step, on a thread (0: none, in line).
+  data.prefetch = 2
   data.random_flip = True  # Random horizontal flips (seeded by the example's position: replayable).
-  data.shuffle_buffer = 10_000  # tfds sets: encoded records in the shuffle buffer (per epoch seed).
+  # tfds sets: records per shuffled block (each epoch: blocks in a seeded order, each permuted in
+  # memory). Resuming reads one block, whatever the position in the epoch.
+  data.shuffle_buffer = 10_000
 
   config.model = model = ml_collections.ConfigDict()
   model.ch = 64  # Base width; each resolution's blocks use multiples of it (models.ARCHITECTURES).

@@ -26,8 +26,14 @@ XLA's FLOPs per step, XLA's cost-model step time (an estimate) and the compile t
   python -m sagan_jax.benchmark --config=configs/imagenet.py --config.model.dtype=bfloat16 \
       --topology=v5e-8 --max_batch
 
-Nothing here imports TensorFlow, tfds or clu: it runs where only jax, flax, optax and
-ml_collections are installed.
+The input pipeline alone, without the model: `--input_only` times the config's real training
+iterator (images/s, per host core) and, with `--resume_at=0,0.5,0.99`, the time to its first batch
+when resumed at those shares of an epoch (sagan_jax.input_benchmark):
+
+  python -m sagan_jax.benchmark --config=configs/imagenet.py --input_only --steps=200
+
+Nothing but --input_only imports TensorFlow, tfds or clu: the step benchmark and the TPU compile
+run where only jax, flax, optax and ml_collections are installed.
 """
 
 import json
@@ -54,6 +60,11 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('topology', None, 'Compile (not run) the train step for this TPU slice '
                       'from any machine (needs libtpu): v4-8, v4-32, v5e-8 (v5litepod-8), '
                       'v5e-16, v5p-8, v6e-8, ... (sagan_jax.tpu_compile.SLICES).', flag_values=fv)
+  flags.DEFINE_bool('input_only', False, 'Time the training input pipeline alone (no model): '
+                    '--steps host batches after --warmup.', flag_values=fv)
+  flags.DEFINE_list('resume_at', [], 'With --input_only: also time the first batch of an '
+                    'iterator resumed at these shares of an epoch (e.g. 0,0.5,0.99).',
+                    flag_values=fv)
   flags.DEFINE_bool('max_batch', False, 'With --topology: search the largest global batch that '
                     'fits the slice (one compile per probe).', flag_values=fv)
 
@@ -66,7 +77,9 @@ def benchmark(fv: flags.FlagValues) -> int:
   from sagan_jax import distributed
   from sagan_jax import step_benchmark
   from sagan_jax import tpu_compile
-  if fv.topology:
+  if fv.input_only:
+    results = _input_only(fv)
+  elif fv.topology:
     tpu_compile.get_slice(fv.topology)
     tpu_compile.check_libtpu()
     config_check.check_config(fv.config)
@@ -87,6 +100,28 @@ def benchmark(fv: flags.FlagValues) -> int:
     with open(fv.json_out, 'w') as f:
       json.dump(results, f, indent=2)
   return 0
+
+
+def _input_only(fv: flags.FlagValues):
+  """--input_only: the training iterator's throughput and resume times."""
+  # pylint: disable=g-import-not-at-top
+  from sagan_jax import config_check
+  from sagan_jax import input_benchmark
+  try:
+    shares = [float(x) for x in fv.resume_at]
+  except ValueError:
+    shares = [-1.0]
+  if any(not 0 <= x < 1 for x in shares):
+    raise ConfigError(f'--resume_at={",".join(fv.resume_at)}: give shares of an epoch in [0, 1), '
+                      'e.g. --resume_at=0,0.5,0.99')
+  if fv.steps < 1 or fv.warmup < 0:
+    raise ConfigError(f'--steps={fv.steps} and --warmup={fv.warmup}: use --steps >= 1 and '
+                      '--warmup >= 0')
+  cli.import_tensorflow()
+  config_check.check_config(fv.config)
+  results = input_benchmark.run_input_benchmark(fv.config, fv.steps, fv.warmup, shares)
+  print(input_benchmark.format_report(results))
+  return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -47,6 +47,7 @@ RANGES = {
     'cpu_devices': (OFF_OR_COUNT, '0 (jax default) or 2'),
     'data.num_classes': (COUNT, 'the number of class labels'),
     'data.shuffle_buffer': (COUNT, '10000'),
+    'data.prefetch': (OFF_OR_COUNT, '2 (0: no prefetch thread)'),
     'model.ch': (Range(8), '64 (a multiple of 8)'),
     'model.z_dim': (COUNT, '128'),
     'model.attention_block_size': (COUNT, '512'),

@@ -122,11 +122,13 @@ def list_image_folder(folder_dir: Optional[str], split: str) -> Tuple[Tuple[str,
 def _check_tfds(data_config) -> None:
   builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
   if not builder.is_prepared():
+    # launch/prepare_tfds.sh uses tfds's Python API: `tfds build` would also want apache-beam.
     how = ('ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
-           'ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/ and run '
-           '`tfds build imagenet2012 --data_dir=<data_dir>`'
+           'ILSVRC2012_img_val.tar in a folder and run `launch/prepare_tfds.sh '
+           '--dataset=imagenet2012 --manual-dir=<folder> --data-dir=<data_dir>`'
            if data_config.name == 'imagenet2012' else
-           f'run `tfds build {data_config.name} --data_dir=<data_dir>` on a machine with internet')
+           f'run `launch/prepare_tfds.sh --dataset={data_config.name} --data-dir=<data_dir>` on '
+           'a machine with internet')
     raise ConfigError(
         f"tfds data set '{data_config.name}' is not prepared in {builder.data_dir}: {how}, then "
         f'set --config.data.tfds_data_dir=<data_dir> (this code never downloads)')
@@ -185,32 +187,78 @@ class IndexedSource:
     return str(self._fields['path'][self._order(epoch)[offset]])
 
 
+_no_autograph = tf.autograph.experimental.do_not_convert
+
+
 class TfdsSource:
-  """A prepared tfds set: per-epoch seeded file shuffle and shuffle buffer (input_pipeline's
-  module doc says what resuming costs)."""
+  """A prepared tfds set read by position, so that resuming reads at most one block.
+
+  This process's share of the split is cut into blocks of `data.shuffle_buffer` consecutive records
+  (tfds wrote the records in a shuffled order). Each epoch takes the blocks in a seeded order and
+  each block in a seeded permutation (a shuffle buffer the size of the block, filled from its
+  TFRecord files read side by side). An offset in the epoch names a block and a place in it:
+  resuming reads that block alone (as a fresh start fills its buffer), whatever the position in
+  the epoch; nothing before it is read.
+  """
 
   def __init__(self, data_config, base_seed: int, process_index: int, process_count: int):
-    self._builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
-    self._split = tfds.split_for_jax_process(data_config.split, process_index=process_index,
-                                             process_count=process_count, drop_remainder=True)
-    self._buffer, self._base_seed = data_config.shuffle_buffer, base_seed
-    self.num_examples = self._builder.info.splits[self._split].num_examples
+    builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
+    share = tfds.split_for_jax_process(data_config.split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=True)
+    ranges = share.to_absolute(builder.info.splits)
+    if len(ranges) != 1:
+      raise ConfigError(f'data.split={data_config.split!r} names several splits: use one split '
+                        "or a slice of one (e.g. 'train' or 'train[:90%]')")
+    name, start, end = ranges[0].splitname, ranges[0].from_ or 0, ranges[0].to
+    end = builder.info.splits[name].num_examples if end is None else end
+    size = max(1, int(data_config.shuffle_buffer))
+    self._name, self._features, self._base_seed = builder.name, builder.info.features, base_seed
+    self.num_examples = end - start
+    self._blocks = [builder.info.splits[f'{name}[{a}:{min(a + size, end)}]'].file_instructions
+                    for a in range(start, end, size)]
+    self._block_sizes = np.array([min(size, end - a) for a in range(start, end, size)])
+
+  def _read_block(self, block: Dict[str, tf.Tensor]) -> tf.data.Dataset:
+    """One block's serialized records in its seeded permutation."""
+    files = tf.data.Dataset.from_tensor_slices((block['files'], block['skips'], block['takes']))
+    records = files.interleave(
+        _no_autograph(lambda path, skip, take: tf.data.TFRecordDataset(path).skip(skip).take(take)),
+        cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records.shuffle(block['size'], seed=block['seed'], reshuffle_each_iteration=False)
 
   def records(self, epoch: int, offset: int) -> tf.data.Dataset:
-    """The epoch's records from `offset` on (skipped before decoding), with positions."""
-    read_config = tfds.ReadConfig(shuffle_seed=derive_seed(self._base_seed, epoch, 0),
-                                  try_autocache=False)
-    ds = self._builder.as_dataset(split=self._split, shuffle_files=True, read_config=read_config,
-                                  decoders={'image': tfds.decode.SkipDecoding()})
-    ds = ds.map(tf.autograph.experimental.do_not_convert(
-        lambda ex: {'encoded': ex['image'], 'label': ex['label']}))
-    ds = ds.shuffle(self._buffer, seed=derive_seed(self._base_seed, epoch, 1),
-                    reshuffle_each_iteration=False).skip(offset)
+    """The epoch's records from `offset` on (the block holding it is read, the rest skipped)."""
+    order = np.random.default_rng(derive_seed(self._base_seed, epoch)).permutation(
+        len(self._blocks))
+    ends = np.cumsum(self._block_sizes[order])
+    first = int(np.searchsorted(ends, offset, side='right'))
+    within = offset - (int(ends[first - 1]) if first else 0)
+    order = order[first:]
+    longest = max(len(self._blocks[b]) for b in order)
+    padded = lambda field, fill: [[getattr(f, field) for f in self._blocks[b]] + [fill] * (
+        longest - len(self._blocks[b])) for b in order]
+    blocks = tf.data.Dataset.from_tensor_slices({
+        'files': padded('filename', ''), 'skips': np.array(padded('skip', 0), np.int64),
+        'takes': np.array(padded('take', 0), np.int64),
+        'size': self._block_sizes[order].astype(np.int64),
+        'seed': np.array([derive_seed(self._base_seed, epoch, int(b)) for b in order], np.int64)})
+    # Files padded with '' are taken 0 records of: interleave never opens them.
+    used = lambda b: {k: tf.boolean_mask(b[k], b['takes'] > 0) for k in ('files', 'skips', 'takes')}
+    blocks = blocks.map(_no_autograph(lambda b: {**b, **used(b)}))
+    ds = blocks.flat_map(_no_autograph(self._read_block)).skip(within)
+    decoders = {'image': tfds.decode.SkipDecoding()}
+
+    def deserialize(raw):
+      example = self._features.deserialize_example(raw, decoders=decoders)
+      return {'encoded': example['image'], 'label': example['label']}
+
+    ds = ds.map(_no_autograph(deserialize), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
     return ds.enumerate(start=epoch * self.num_examples + offset).map(
-        tf.autograph.experimental.do_not_convert(lambda pos, ex: {**ex, 'pos': pos}))
+        _no_autograph(lambda pos, ex: {**ex, 'pos': pos}))
 
   def describe(self, pos: int) -> str:
-    return f'{self._builder.name} record {pos}'
+    return f'{self._name} record {pos}'
 
 
 def create_source(data_config, base_seed: int, process_index: int, process_count: int):

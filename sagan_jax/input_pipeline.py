@@ -18,14 +18,14 @@ next. Unreadable images are skipped (and logged) at the same records again, so t
 the stream.
 
 Cost of resuming. Folders and IDX files are read by index: resuming costs nothing. A tfds set is
-a stream of records: its epoch order comes from a seeded file shuffle and a seeded shuffle buffer,
-so resuming at `offset` reads and discards that epoch's first `offset` records (encoded bytes,
-never decoded): at most one epoch of this process's share (for ImageNet on P processes, up to
-~140 GB / P of reading) before the first batch.
+read in blocks of `data.shuffle_buffer` records (data_sources.TfdsSource): resuming reads the one
+block that holds the position, as a fresh start does, so the time to the first batch does not
+grow with the position in the epoch.
 
 TensorFlow is imported by the data layer only, so models and the train step do not need it.
 """
 
+import os
 from typing import Dict, Optional
 
 from absl import logging
@@ -58,13 +58,46 @@ def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
   return image
 
 
-def _decode(example: Dict[str, tf.Tensor], channels: int) -> Dict[str, tf.Tensor]:
-  """A record ('path', 'encoded' bytes or an 'image' array) -> uint8 image; raises if corrupt."""
+def _jpeg_square(encoded: tf.Tensor, resolution: int, downscale: bool) -> tf.Tensor:
+  """The centred square of a JPEG, decoded alone (decode_and_crop_jpeg).
+
+  With `downscale`, libjpeg decodes at 1/2, 1/4 or 1/8 scale (DCT scaling) when the square stays
+  at least `resolution` px: most of a large image's decoding cost goes, and the area resize that
+  follows has less to average.
+  """
+  shape = tf.io.extract_jpeg_shape(encoded)
+  side = tf.minimum(shape[0], shape[1])
+
+  def decode(ratio):
+    def fn():
+      height, width = -(-shape[0] // ratio), -(-shape[1] // ratio)  # libjpeg rounds up.
+      square = tf.minimum(height, width)
+      window = tf.stack([(height - square) // 2, (width - square) // 2, square, square])
+      return tf.io.decode_and_crop_jpeg(encoded, window, channels=0, ratio=ratio)
+    return fn
+
+  ratios = (1, 2, 4, 8) if downscale else (1,)
+  index = tf.add_n([tf.cast(side // r >= resolution, tf.int32) for r in ratios[1:]] +
+                   [tf.constant(0)])
+  return tf.switch_case(index, [decode(r) for r in ratios])
+
+
+def _decode(example: Dict[str, tf.Tensor], data_config) -> Dict[str, tf.Tensor]:
+  """A record ('path', 'encoded' bytes or an 'image' array) -> uint8 image; raises if corrupt.
+
+  JPEGs are cropped to their centred square while decoding (`_jpeg_square`); other formats are
+  decoded whole and cropped by `_to_resolution`.
+  """
+  channels = data_config.channels
   if 'image' in example:
     image = example['image']
   else:
     encoded = tf.io.read_file(example['path']) if 'path' in example else example['encoded']
-    image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
+    downscale = data_config.get('jpeg_downscale', True)
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: _jpeg_square(encoded, data_config.resolution, downscale),
+        lambda: tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False))
   return {'image': _to_channels(image, channels), 'label': tf.cast(example['label'], tf.int32),
           'pos': example['pos']}
 
@@ -100,6 +133,17 @@ def preprocess(example: Dict[str, tf.Tensor], data_config) -> Dict[str, tf.Tenso
   return out
 
 
+def _options() -> tf.data.Options:
+  """The pipeline's own thread pool, one per host core, each op single-threaded inside: tf.data's
+  advice for input pipelines (no oversubscription); autotuned parallelism and buffers."""
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  options.threading.private_threadpool_size = max(1, len(os.sched_getaffinity(0)))
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
 class _Stream:
   """The endless stream of one process in batches of `unit` examples (module doc: position).
 
@@ -110,6 +154,7 @@ class _Stream:
 
   def __init__(self, source, data_config, base_seed: int, unit: int, position: int):
     self._source, self._config, self._base_seed = source, data_config, base_seed
+    self.epoch_size = source.num_examples  # This process's records per epoch.
     self._unit = unit
     self.position = position
     self.num_skipped = 0  # Unreadable records skipped by this iterator.
@@ -129,22 +174,21 @@ class _Stream:
     data_config, base_seed = self._config, self._base_seed
 
     @tf.autograph.experimental.do_not_convert
-    def preprocess_fn(example):
+    def load(example):  # Decode, crop, resize, flip: one parallel map.
+      example = _decode(example, data_config)
       seed = tf.stack([tf.constant(base_seed, tf.int64), example['pos']])
       return preprocess({**example, 'seed': seed}, data_config)
 
     ds = self._source.records(self._epoch, self._offset)
-    ds = ds.map(tf.autograph.experimental.do_not_convert(
-        lambda ex: _decode(ex, data_config.channels)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors()  # Corrupt images: the gap in 'pos' counts them.
-    ds = ds.map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # In order (deterministic): the stream must replay exactly. Corrupt images raise in `load`
+    # and are dropped by ignore_errors; the gap in 'pos' counts them.
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     if front:
       res, channels = data_config.resolution, data_config.channels
       filler = {'image': tf.zeros((res, res, channels)), 'label': tf.constant(0, tf.int32),
                 'pos': tf.constant(-1, tf.int64)}
       ds = tf.data.Dataset.from_tensors(filler).repeat(front).concatenate(ds)
-    return ds.batch(self._unit).prefetch(2).as_numpy_iterator()
+    return ds.batch(self._unit).prefetch(2).with_options(_options()).as_numpy_iterator()
 
   def _next_part(self, count: int):
     """The next batch (or the rest of an epoch); opens epochs as needed."""
@@ -284,9 +328,9 @@ def create_eval_iterator(data_config, batch_size: int, split: Optional[str] = No
   A finite pass by default: `num_examples` images (None: all of the split; never more), each once,
   in an order shuffled by `seed`, so that fewer than all are a random subset. The images are the
   training stream's (the same decoding, resolution, channels and positions; process 0 of 1 with
-  `seed`), flips off unless `random_flip`. With `repeat` the stream goes on over reshuffled epochs
-  (as training reads them) for `num_examples` images, endless when None: for training on it.
-  An unreadable image is skipped and the next one of the stream takes its place.
+  `seed`; JPEGs decoded at full size), flips off unless `random_flip`. With `repeat` the stream goes
+  on over reshuffled epochs (as training reads them) for `num_examples` images, endless when None:
+  for training on it. An unreadable image is skipped and the next one of the stream takes its place.
 
   Args:
     data_config: the `data` part of a training config.
@@ -302,7 +346,10 @@ def create_eval_iterator(data_config, batch_size: int, split: Optional[str] = No
     batch_size but in the last batch; its `num_examples` and `dataset_size` say how many images it
     yields and the split holds.
   """
-  fields = {'random_flip': random_flip, **({'split': split} if split is not None else {})}
+  # Full-size JPEG decoding: reference statistics resize real images the usual way (FID is
+  # sensitive to how images are resized).
+  fields = {'random_flip': random_flip, 'jpeg_downscale': False,
+            **({'split': split} if split is not None else {})}
   data_config = _with_fields(data_config, **fields)
   data_sources.check_source(data_config)
   base_seed = data_sources.derive_seed(seed, 0)

@@ -14,6 +14,7 @@ import numpy as np
 
 from sagan_jax import checkpointing
 from sagan_jax import config_check
+from sagan_jax import device_prefetch
 from sagan_jax import evaluation
 from sagan_jax import input_pipeline
 from sagan_jax import models
@@ -260,10 +261,12 @@ def _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
   start_time = time.monotonic()
   num_steps, previous_metrics, last_scalars = config.train.num_steps, None, {}
   eval_scores: Dict[str, float] = {}  # The newest evaluation's scores.
-  with _PreemptionWatcher() as preemption:
+  # The next global batches are built on a thread while the step runs (depth data.prefetch).
+  batches = device_prefetch.DevicePrefetcher(train_iter, mesh, config.data.get('prefetch', 2))
+  with _PreemptionWatcher() as preemption, batches:
     for step in range(int(state.step) + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = sharding.make_global_batch(next(train_iter), mesh)
+        batch, position = next(batches)
         state, metrics = train_step(state, batch)
       if previous_metrics is not None:  # Checked one step late: the host never waits here.
         guard.check(step - 1, previous_metrics, manager)
@@ -284,7 +287,7 @@ def _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
         metadata = {'step': step, 'wall_time': time.time(),
                     'elapsed_seconds': elapsed + time.monotonic() - start_time,
                     'scalars': last_scalars, 'eval': eval_scores, 'nonfinite_skips': guard.skips}
-        _save(manager, state, config, _gather_positions(train_iter.position), metadata)
+        _save(manager, state, config, _gather_positions(position), metadata)
       if stop:
         logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
         break

@@ -85,3 +85,24 @@ def test_known_peaks_by_device_kind():
 def test_bad_flags_name_the_fix(kwargs, message):
   with pytest.raises(ConfigError, match=message):
     step_benchmark.run_benchmark(fashion_mnist.get_config(), **kwargs)
+
+
+def test_input_only_times_the_training_iterator_and_resumes(tmp_path, fake_fashion_mnist_dir):
+  """--input_only: the real iterator (no model): images/s and the first batch fresh and resumed."""
+  json_path = str(tmp_path / 'input.json')
+  args = ['--config=configs/fashion_mnist.py', f'--config.data.fashion_mnist_dir='
+          f'{fake_fashion_mnist_dir}', '--config.train.batch_size=8', '--input_only',
+          '--steps=3', '--warmup=1', '--resume_at=0,0.5', f'--json_out={json_path}']
+  assert benchmark.main(['sagan_jax.benchmark', *args]) == 0
+  with open(json_path) as f:
+    results = json.load(f)
+  assert results['images_per_batch'] == 8 and results['images_per_s'] > 0
+  assert results['images_per_s_per_core'] * results['host_cores'] == pytest.approx(
+      results['images_per_s'])
+  assert set(results['first_batch_s_resumed_at']) == {'0', '0.5'}
+  assert all(s > 0 for s in results['first_batch_s_resumed_at'].values())
+
+
+def test_input_only_rejects_shares_outside_an_epoch():
+  assert benchmark.main(['sagan_jax.benchmark', '--config=configs/fashion_mnist.py',
+                         '--input_only', '--resume_at=1.5']) == 2

@@ -252,68 +252,91 @@ def test_resume_is_exact_across_epochs_with_corrupt_images_and_flips(tmp_path):
     assert resumed.position == positions[k + 2]
 
 
+TFDS_SHARDS = 3  # TFRecord files of the written tfds 'train' splits (4 examples each).
+
+
+def write_tfds(data_dir, name, examples, shards=TFDS_SHARDS):
+  """A prepared tfds set `name` whose 'train' split holds `examples` in `shards` TFRecord files, as
+  tfds writes them (launch/prepare_tfds.sh)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  template = tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name,
+                                           split='train', filetype_suffix='tfrecord')
+  builder.data_path.mkdir(parents=True)
+  per_shard = len(examples) // shards
+  for shard in range(shards):
+    path = template.sharded_filepath(shard_index=shard, num_shards=shards)
+    with tf.io.TFRecordWriter(os.fspath(path)) as writer:
+      for example in examples[shard * per_shard:(shard + 1) * per_shard]:
+        writer.write(builder.info.features.serialize_example(example))
+  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name='train', shard_lengths=[per_shard] * shards, num_bytes=0, filename_template=template)]))
+  builder.info.write_to_directory(builder.data_path)
+
+
 @pytest.fixture(scope='module')
-def tfds_metadata_dir(tmp_path_factory):
-  """dataset_info.json of cifar10 and imagenet2012 with a small 'train' split, for mock_data."""
+def tfds_data_dir(tmp_path_factory):
+  """cifar10 and imagenet2012 prepared with tfds's random examples: 12 in 3 files each."""
   data_dir = tmp_path_factory.mktemp('tfds')
+  examples = {}
   for name in data_sources.TFDS_NAMES:
-    builder = tfds.builder(name, data_dir=str(data_dir))
-    template = tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name,
-                                             split='train', filetype_suffix='tfrecord')
-    builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-        name='train', shard_lengths=[TFDS_EXAMPLES], num_bytes=0, filename_template=template)]))
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
-  return str(data_dir)
+    features = tfds.builder(name, data_dir=str(data_dir)).info.features
+    examples[name] = list(mocking.RandomFakeGenerator(features, TFDS_EXAMPLES))
+    write_tfds(data_dir, name, examples[name])
+  return str(data_dir), examples
 
 
-def _tfds_config(name, resolution, batch_size):
+def _tfds_config(name, data_dir, resolution, batch_size):
   config = tiny_config()
-  config.data.name, config.data.tfds_data_dir = name, '/unused/with/the/mock'
+  config.data.name, config.data.tfds_data_dir = name, data_dir
   config.data.resolution, config.data.channels = resolution, 3
   config.data.num_classes = 10 if name == 'cifar10' else 1000
-  config.data.random_flip, config.data.shuffle_buffer = False, 8
+  config.data.random_flip, config.data.shuffle_buffer = False, 8  # Blocks of 8 and 4 records.
   config.train.batch_size = batch_size
   return config
 
 
-def test_cifar10_mock_gives_its_images_and_resumes_exactly(tfds_metadata_dir):
-  config = _tfds_config('cifar10', resolution=32, batch_size=8)
-  with tfds.testing.mock_data(num_examples=TFDS_EXAMPLES, data_dir=tfds_metadata_dir,
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    input_pipeline.check_source(config.data)
-    features = tfds.builder('cifar10').info.features
-    reference = input_pipeline.create_train_iterator(config, seed=0)
-    batches = _take(reference, 5)  # 40 examples: 3 epochs of 12 and a bit.
-    resumed = input_pipeline.create_train_iterator(config, seed=0, position=16)
-    _assert_same_batches(batches[2:], _take(resumed, 3))
+def test_cifar10_gives_its_images_and_resumes_exactly(tfds_data_dir):
+  data_dir, examples = tfds_data_dir
+  config = _tfds_config('cifar10', data_dir, resolution=32, batch_size=8)
+  input_pipeline.check_source(config.data)
+  reference = input_pipeline.create_train_iterator(config, seed=0)
+  batches = _take(reference, 5)  # 40 examples: 3 epochs of 12 and a bit.
+  resumed = input_pipeline.create_train_iterator(config, seed=0, position=16)
+  _assert_same_batches(batches[2:], _take(resumed, 3))
   assert reference.position == 40 and resumed.position == 40
   # float32 arithmetic, as the pipeline's: the bytes must match exactly.
   expected = {(ex['image'].astype(np.float32) / np.float32(127.5) - 1).tobytes(): ex['label']
-              for ex in mocking.RandomFakeGenerator(features, TFDS_EXAMPLES)}
+              for ex in examples['cifar10']}
   images = np.concatenate([b['image'][0] for b in batches])
   labels = np.concatenate([b['label'][0] for b in batches])
-  for epoch in range(3):  # Every epoch holds each mocked example once, with its label.
+  for epoch in range(3):  # Every epoch holds each example once, with its label.
     seen = {images[i].tobytes(): labels[i] for i in range(12 * epoch, 12 * epoch + 12)}
     assert seen == expected
   assert not np.array_equal(labels[:12], labels[12:24])  # Reshuffled each epoch.
 
 
-def test_imagenet2012_mock_crops_resizes_and_resumes_exactly(tfds_metadata_dir):
-  config = _tfds_config('imagenet2012', resolution=16, batch_size=5)
-  with tfds.testing.mock_data(num_examples=TFDS_EXAMPLES, data_dir=tfds_metadata_dir,
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    input_pipeline.check_source(config.data)
-    features = tfds.builder('imagenet2012').info.features
-    reference = input_pipeline.create_train_iterator(config, seed=0)
-    batches = _take(reference, 4)
-    resumed = input_pipeline.create_train_iterator(config, seed=0, position=10)
-    _assert_same_batches(batches[2:], _take(resumed, 2))
+def test_imagenet2012_crops_resizes_and_resumes_at_any_record(tfds_data_dir):
+  data_dir, examples = tfds_data_dir
+  config = _tfds_config('imagenet2012', data_dir, resolution=16, batch_size=1)
+  input_pipeline.check_source(config.data)
+  reference = input_pipeline.create_train_iterator(config, seed=0)
+  batches = _take(reference, 14)
+  for position in (1, 7, 8, 9, 11, 12):  # In the first block, at block and epoch boundaries.
+    resumed = input_pipeline.create_train_iterator(config, seed=0, position=position)
+    _assert_same_batches(batches[position:position + 2], _take(resumed, 2))
   images = np.concatenate([b['image'][0] for b in batches])
   labels = np.concatenate([b['label'][0] for b in batches])
-  assert images.shape == (20, 16, 16, 3) and images.min() >= -1.0 and images.max() <= 1.0
-  assert sorted(labels[:12]) == sorted(
-      ex['label'] for ex in mocking.RandomFakeGenerator(features, TFDS_EXAMPLES))
+  assert images.shape == (14, 16, 16, 3) and images.min() >= -1.0 and images.max() <= 1.0
+  assert sorted(labels[:12]) == sorted(ex['label'] for ex in examples['imagenet2012'])
+
+
+def test_two_processes_read_disjoint_halves_of_a_tfds_split(tfds_data_dir):
+  data_dir, examples = tfds_data_dir
+  config = _tfds_config('cifar10', data_dir, resolution=32, batch_size=2)
+  halves = [np.concatenate([b['label'][0] for b in _take(input_pipeline.create_train_iterator(
+      config, seed=0, process_index=i, process_count=2), 6)]) for i in range(2)]
+  assert sorted(np.concatenate(halves)) == sorted(ex['label'] for ex in examples['cifar10'])
 
 
 def test_missing_fashion_mnist_names_the_package_and_the_flag(tmp_path):
@@ -324,8 +347,9 @@ def test_missing_fashion_mnist_names_the_package_and_the_flag(tmp_path):
   assert '--config.data.fashion_mnist_dir' in str(error.value)
 
 
-@pytest.mark.parametrize('name,fix', [('cifar10', 'tfds build cifar10'),
-                                      ('imagenet2012', 'downloads/manual')])
+@pytest.mark.parametrize('name,fix', [
+    ('cifar10', 'launch/prepare_tfds.sh --dataset=cifar10 --data-dir=<data_dir>'),
+    ('imagenet2012', 'launch/prepare_tfds.sh --dataset=imagenet2012 --manual-dir=<folder>')])
 def test_unprepared_tfds_data_never_downloads(tmp_path, name, fix):
   config = tiny_config()
   config.data.name = name
@@ -334,6 +358,8 @@ def test_unprepared_tfds_data_never_downloads(tmp_path, name, fix):
     input_pipeline.check_source(config.data)
   assert fix in str(error.value) and '--config.data.tfds_data_dir' in str(error.value)
   assert os.listdir(tmp_path) == []  # Nothing was fetched or created.
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')) as f:
+    assert f'launch/prepare_tfds.sh --dataset={name}' in f.read()  # README gives the same advice.
 
 
 def test_unknown_data_name():
