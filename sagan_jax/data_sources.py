@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from sagan_jax import config_check
 from sagan_jax.errors import ConfigError
+from sagan_jax.errors import first_line
 
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
@@ -132,7 +133,23 @@ def _check_tfds(data_config) -> None:
     raise ConfigError(
         f"tfds data set '{data_config.name}' is not prepared in {builder.data_dir}: {how}, then "
         f'set --config.data.tfds_data_dir=<data_dir> (this code never downloads)')
+  _split_ranges(builder, data_config.split)
   _check_num_classes(builder.info.features['label'].num_classes, data_config)
+
+
+def _split_ranges(builder, split: str, share=None):
+  """The absolute record ranges of `split` (or of `share` of it); ConfigError unless one range."""
+  try:
+    share = tfds.core.ReadInstruction.from_spec(split) if share is None else share
+    ranges = share.to_absolute(builder.info.splits)
+  except (ValueError, KeyError, AssertionError) as e:
+    raise ConfigError(f'data.split={split!r} cannot be read from {builder.name} ({first_line(e)}):'
+                      f' set --config.data.split to one of {sorted(builder.info.splits)} or a '
+                      "slice of one (e.g. 'train[:90%]')") from e
+  if len(ranges) != 1:
+    raise ConfigError(f'data.split={split!r} names several splits: use one split or a slice of '
+                      "one (e.g. 'train' or 'train[:90%]')")
+  return ranges
 
 
 def _check_num_classes(num_classes: int, data_config) -> None:
@@ -205,10 +222,7 @@ class TfdsSource:
     builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
     share = tfds.split_for_jax_process(data_config.split, process_index=process_index,
                                        process_count=process_count, drop_remainder=True)
-    ranges = share.to_absolute(builder.info.splits)
-    if len(ranges) != 1:
-      raise ConfigError(f'data.split={data_config.split!r} names several splits: use one split '
-                        "or a slice of one (e.g. 'train' or 'train[:90%]')")
+    ranges = _split_ranges(builder, data_config.split, share)
     name, start, end = ranges[0].splitname, ranges[0].from_ or 0, ranges[0].to
     end = builder.info.splits[name].num_examples if end is None else end
     size = max(1, int(data_config.shuffle_buffer))

@@ -331,6 +331,16 @@ def test_imagenet2012_crops_resizes_and_resumes_at_any_record(tfds_data_dir):
   assert sorted(labels[:12]) == sorted(ex['label'] for ex in examples['imagenet2012'])
 
 
+@pytest.mark.parametrize('split,message', [
+    ('validation', "data.split='validation' cannot be read.*one of \\['train'\\]"),
+    ('train+train', 'names several splits')])
+def test_a_tfds_split_that_cannot_be_read_names_the_fix(tfds_data_dir, split, message):
+  config = _tfds_config('cifar10', tfds_data_dir[0], resolution=32, batch_size=2)
+  config.data.split = split
+  with pytest.raises(ConfigError, match=message):
+    input_pipeline.check_source(config.data)
+
+
 def test_two_processes_read_disjoint_halves_of_a_tfds_split(tfds_data_dir):
   data_dir, examples = tfds_data_dir
   config = _tfds_config('cifar10', data_dir, resolution=32, batch_size=2)
