@@ -10,17 +10,8 @@ from creating an iterator to its first batch, fresh and resumed at a share of th
 Fashion-MNIST.
 """
 
-import os
 import time
 from typing import Any, Dict, Sequence
-
-
-def host_cores() -> int:
-  """The CPU cores this process may run on."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # Not Linux.
-    return os.cpu_count() or 1
 
 
 def _first_batch_seconds(config, position: int) -> float:
@@ -46,7 +37,7 @@ def run_input_benchmark(config, steps: int = 100, warmup: int = 10,
     batch = next(iterator)
   seconds = time.perf_counter() - start
   images = steps * batch['label'].size
-  cores = host_cores()
+  cores = input_pipeline.host_cores()
   epoch = iterator.epoch_size
   resumed = {f'{share:g}': _first_batch_seconds(config, int(share * epoch)) for share in resume_at}
   return {

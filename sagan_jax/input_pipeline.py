@@ -133,13 +133,21 @@ def preprocess(example: Dict[str, tf.Tensor], data_config) -> Dict[str, tf.Tenso
   return out
 
 
+def host_cores() -> int:
+  """The CPU cores this process may run on (the pipeline's threads, one per core)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
+
+
 def _options() -> tf.data.Options:
   """The pipeline's own thread pool, one per host core, each op single-threaded inside: tf.data's
   advice for input pipelines (no oversubscription); autotuned parallelism and buffers."""
   options = tf.data.Options()
   options.deterministic = True
   options.autotune.enabled = True
-  options.threading.private_threadpool_size = max(1, len(os.sched_getaffinity(0)))
+  options.threading.private_threadpool_size = host_cores()
   options.threading.max_intra_op_parallelism = 1
   return options
 
