@@ -17,7 +17,7 @@ import dataclasses
 import os
 import re
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from sagan_jax import cli
 from sagan_jax.errors import ConfigError
@@ -186,37 +186,58 @@ def _out_of_memory(message: str) -> Dict[str, Any]:
 
 
 def max_batch(config, name: str, devices=None, limit: int = 1 << 16) -> Dict[str, Any]:
-  """The largest global batch (a multiple of the device count) that fits slice `name`.
+  """The largest global batch (a multiple of the device count) whose step fits the slice.
 
-  Doubles the batch until it does not fit (or reaches `limit`), then bisects between the last fit
-  and the first miss; every probe is one compile. Returns the report of the largest fit, with
-  `max_batch` and the probes ({batch: fits}); `max_batch` is 0 when one batch per device does
-  not fit.
+  A compile that fits takes minutes, one that XLA refuses takes seconds and still reports the
+  bytes it needed, so the search is led by memory rather than by halving: per-device bytes grow
+  nearly linearly with the batch (state and code fixed, temporaries per image). The first probe
+  is the config's batch; the next is one multiple past the batch where the line through what is
+  known reaches the HBM (a miss expected: cheap), then the batch below it (a fit expected). Each
+  probe lies strictly between the largest fit and the smallest miss, so the search ends with both
+  proven: `max_batch` fits and `max_batch` + one multiple does not. Returns the report of the
+  largest fit with `max_batch` and the probes ({batch: fits}); `max_batch` is 0 when one batch
+  per device does not fit.
   """
   devices = slice_devices(name) if devices is None else devices
   unit = len(devices) * config.train.grad_accum_steps
+  top = max(1, limit // unit)
   probes: Dict[int, bool] = {}
   reports: Dict[int, Dict[str, Any]] = {}
-
-  def fits(multiple: int) -> bool:
+  good, bad = 0, None
+  multiple = min(top, max(1, config.train.batch_size // unit))
+  while True:
     probe = config.copy_and_resolve_references()
     with probe.unlocked():
       probe.train.batch_size = multiple * unit
     reports[multiple] = compile_for_slice(probe, name, devices)
     probes[multiple * unit] = reports[multiple]['fits']
-    return probes[multiple * unit]
-
-  good, bad = 0, None
-  multiple = 1
-  while multiple * unit <= limit and fits(multiple):
-    good, multiple = multiple, multiple * 2
-  bad = multiple if multiple * unit <= limit else None
-  while bad is not None and bad - good > 1:
-    middle = (good + bad) // 2
-    good, bad = (middle, bad) if fits(middle) else (good, middle)
-  result = dict(reports[good] if good else reports[1])
+    good, bad = (multiple, bad) if probes[multiple * unit] else (good, multiple)
+    multiple = _next_probe(reports, good, bad, top)
+    if multiple is None:
+      break
+  result = dict(reports[good] if good else reports[min(reports)])
   result.update(max_batch=good * unit, probes=probes)
   return result
+
+
+def _next_probe(reports, good: int, bad: Optional[int], top: int) -> Optional[int]:
+  """The next multiple to compile, strictly between `good` and `bad`; None when there is none."""
+  high = top if bad is None else bad - 1
+  if good >= high:
+    return None
+  total = lambda m: reports[m]['bytes_per_device']['total']
+  hbm = reports[good or bad]['hbm_bytes_per_device']
+  if good and bad is None:  # Fixed bytes (state, code) from the fit; the rest grows per image.
+    b = reports[good]['bytes_per_device']
+    fixed = b['argument'] + b['output'] - b['alias'] + b['generated_code']
+    per_multiple = max(total(good) - fixed, 1) / good
+    return min(high, max(good + 1, int((hbm - fixed) / per_multiple) + 1))
+  if not good:  # Only misses: bytes as if all of them grew with the batch (low, so a fit).
+    return max(1, min(high, int(bad * hbm / total(bad)))) if total(bad) else max(1, bad // 2)
+  if not total(bad) or total(bad) <= total(good):
+    return (good + bad) // 2
+  crossing = good + (hbm - total(good)) * (bad - good) / (total(bad) - total(good))
+  return min(high, max(good + 1, int(crossing) + (1 if int(crossing) + 1 < bad else 0)))
 
 
 def format_report(report: Dict[str, Any]) -> str:

@@ -80,25 +80,47 @@ def test_out_of_memory_message_gives_the_bytes_needed():
   assert fields['bytes_per_device']['total'] == int(309.16 * 2**30) and not fields['fits']
 
 
-def test_max_batch_doubles_then_bisects(monkeypatch):
-  """The search over multiples of the device count, with a memory model instead of compiles."""
+def _fake_compiles(monkeypatch, needed_gib, reports_bytes=True):
+  """compile_for_slice replaced by a memory model: GiB needed per device at a global batch."""
   calls = []
 
   def fake_compile(config, name, devices):
-    calls.append(config.train.batch_size)
-    return {'batch_size': config.train.batch_size, 'fits': config.train.batch_size <= 40}
+    batch = config.train.batch_size
+    calls.append(batch)
+    total = int(needed_gib(batch) * 2**30)
+    fits = total <= 16 * 2**30
+    fixed = 2**31 if fits else None  # The state: 2 GiB of arguments.
+    return {'batch_size': batch, 'fits': fits, 'hbm_bytes_per_device': 16 * 2**30,
+            'bytes_per_device': {'argument': fixed, 'output': 0 if fits else None,
+                                 'alias': 0 if fits else None,
+                                 'generated_code': 0 if fits else None,
+                                 'total': total if fits or reports_bytes else None}}
 
   monkeypatch.setattr(tpu_compile, 'compile_for_slice', fake_compile)
+  return calls
+
+
+@pytest.mark.parametrize('needed_gib,reports_bytes,expected', [
+    (lambda b: 2 + 0.3 * b, True, [16, 48, 44]),  # Linear: one fit, one miss, one fit.
+    (lambda b: 2 + 0.3 * b, False, None),  # Misses that report no bytes: bisection.
+    (lambda b: 2 + 0.006 * b * b, True, None),  # Not linear: more probes, same answer.
+    (lambda b: 20 + b, True, None),  # Nothing fits.
+])
+def test_max_batch_is_proven_by_a_fit_and_the_miss_one_multiple_above(
+    monkeypatch, needed_gib, reports_bytes, expected):
+  """The search over multiples of the device count (4) with a memory model instead of compiles."""
+  calls = _fake_compiles(monkeypatch, needed_gib, reports_bytes)
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
-  config = fashion_mnist.get_config()
+  config = fashion_mnist.get_config()  # Global batch 16: the first probe.
   result = tpu_compile.max_batch(config, 'v5e-4', devices=[object()] * 4)
-  assert result['max_batch'] == 40 and result['batch_size'] == 40
-  assert calls == [4, 8, 16, 32, 64, 48, 40, 44]
-  assert result['probes'] == {4: True, 8: True, 16: True, 32: True, 64: False, 48: False,
-                              40: True, 44: False}
-  monkeypatch.setattr(tpu_compile, 'compile_for_slice',
-                      lambda config, name, devices: {'fits': False})
-  assert tpu_compile.max_batch(config, 'v5e-4', devices=[object()] * 4)['max_batch'] == 0
+  best = max([b for b in range(4, 4096, 4) if needed_gib(b) <= 16], default=0)
+  assert result['max_batch'] == best and calls[0] == 16
+  assert result['probes'].get(best, True) and not result['probes'][best + 4]
+  assert len(calls) == len(set(calls)) <= 12
+  if expected:
+    assert calls == expected
+  if best:
+    assert result['batch_size'] == best
 
 
 def test_every_slice_name_resolves_and_v5litepod_names_are_v5e():
