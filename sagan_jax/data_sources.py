@@ -6,15 +6,16 @@
 
 `create_source` gives one process's share of a split as records with positions (the input
 pipeline's module doc says how positions make the stream resumable); `check_source` says, naming
-the fix, when the configured data cannot be read. A new data set is a source here plus its name in
-config_check.DATA_SOURCES; sagan_jax.input_pipeline decodes, resizes and batches every source alike.
+the fix, when the configured data cannot be read; `class_names` what the labels mean. A new data
+set is a source here plus its name in config_check.DATA_SOURCES; sagan_jax.input_pipeline decodes,
+resizes and batches every source alike.
 """
 
 import functools
 import gzip
 import os
 import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from absl import logging
 import numpy as np
@@ -29,6 +30,10 @@ FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                         'Sneaker', 'Bag', 'Ankle boot')
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                   'truck')
 TFDS_NAMES = config_check.TFDS_SOURCES
 SOURCES = config_check.DATA_SOURCES
 # What tf.io.decode_image reads; other files in class folders are ignored.
@@ -171,6 +176,31 @@ def check_source(data_config) -> None:
     _check_num_classes(len(classes), data_config)
   else:
     _check_tfds(data_config)
+
+
+def class_names(data_config) -> Optional[List[str]]:
+  """The name of each label of the configured data, or None when unknown.
+
+  Fashion-MNIST and CIFAR-10: their 10 names; a folder: its class folders; other tfds sets: the
+  label feature's names from the builder's info (read from the code or the prepared data, never
+  downloaded). Unreadable data gives None: naming classes is never worth an error.
+  """
+  if data_config.name == 'fashion_mnist':
+    return list(FASHION_MNIST_CLASSES)
+  if data_config.name == 'cifar10':
+    return list(CIFAR10_CLASSES)
+  try:
+    if data_config.name == 'folder':
+      return list(list_image_folder(data_config.folder_dir, data_config.split)[2])
+    if data_config.name in TFDS_NAMES:
+      # tfds.builder reads no data and downloads nothing (only download_and_prepare would).
+      builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
+      names = list(builder.info.features['label'].names)
+      # A ClassLabel without names calls its labels '0', '1', ...: no names.
+      return None if names == [str(i) for i in range(len(names))] else names
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info('No class names for %s: %s', data_config.name, first_line(e))
+  return None
 
 
 def derive_seed(*numbers: int) -> int:

@@ -10,7 +10,8 @@ from sagan_jax.evaluation import evaluator
 from sagan_jax.evaluation import features
 from sagan_jax.evaluation import registry
 
-BUILT_IN = ('fid', 'is', 'kid', 'precision_recall', 'fd_classifier', 'class_accuracy')
+BUILT_IN = ('fid', 'is', 'kid', 'precision_recall', 'fd_classifier', 'class_accuracy',
+            'intra_fd_classifier')
 
 
 def _confidence(inputs: registry.Inputs):
@@ -42,7 +43,8 @@ def test_one_entry_makes_a_metric_that_is_scored_and_ranks_checkpoints(confidenc
   scores, skipped = evaluator.compute_scores(['confidence', 'class_accuracy'],
                                              {'classifier': fake}, labels, {})
   top = scipy.special.softmax(fake.logits(), axis=1).max(axis=1)
-  assert skipped == {} and set(scores) == {'confidence', 'confidence_std', 'class_accuracy'}
+  assert skipped == {} and set(scores) == {'confidence', 'confidence_std', 'class_accuracy',
+                                           'worst_class_accuracy'}
   assert scores['confidence'] == top.mean() and scores['confidence_std'] == top.std()
   assert scores['class_accuracy'] == np.mean(fake.logits().argmax(1) == labels)
   # eval.metrics accepts it (and runs it by default); eval.best_metric its ranking score alone.
@@ -50,7 +52,7 @@ def test_one_entry_makes_a_metric_that_is_scored_and_ranks_checkpoints(confidenc
   assert evaluator.Settings().metrics == BUILT_IN + ('confidence',)
   checkpointing.check_best_metric('confidence')
   with pytest.raises(ConfigError, match="'confidence_std' cannot rank checkpoints: choose one of "
-                                        r'fid, .*, class_accuracy, confidence, or'):
+                                        r'fid, .*, intra_fd_classifier, confidence, or'):
     checkpointing.check_best_metric('confidence_std')
   assert registry.metric_of_score('confidence_std') == 'confidence'
   keeper = checkpointing.BestCheckpoint(tmp_path, 'confidence')
@@ -64,14 +66,15 @@ def test_built_in_metrics_rank_as_before():
   # Lower is better (True), higher (False), or not a ranking score (None).
   expected = {'fid': True, 'is': False, 'is_std': None, 'kid': True, 'kid_std': None,
               'precision': False, 'recall': False, 'fd_classifier': True,
-              'class_accuracy': False}
+              'class_accuracy': False, 'worst_class_accuracy': False,
+              'intra_fd_classifier': True}
   directions = {s: registry.score_direction(s) for s in expected}
   assert {s: d if d is None else d == registry.LOWER for s, d in directions.items()} == expected
   assert registry.ranking_scores() == tuple(s for s, d in expected.items() if d is not None)
   assert {m: registry.get(m).network for m in BUILT_IN} == {
       'fid': 'inception', 'is': 'inception', 'kid': 'inception',
       'precision_recall': 'inception', 'fd_classifier': 'classifier',
-      'class_accuracy': 'classifier'}
+      'class_accuracy': 'classifier', 'intra_fd_classifier': 'classifier'}
   assert registry.metric_of_score('recall') == 'precision_recall'
   with pytest.raises(ConfigError, match="unknown metric 'fjd': choose eval.metrics"):
     registry.get('fjd')

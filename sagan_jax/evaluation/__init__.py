@@ -10,6 +10,7 @@
   inception.py          pytorch-fid's FID Inception-v3 in Flax
   inception_weights.py  its weights: torch names, the converted .npz, where the file is found
   pth.py                torch .pth files without torch
+  per_class.py          per-class figures: class_accuracy's table, intra-class FD, their reports
   classifier.py         the small classifier network and its .npz (trained by sagan_jax.classifier)
 
 The command-line tools over it (sagan_jax.evaluate, .reference_stats, .classifier, .inception)
@@ -28,6 +29,8 @@ _EXPORTS = {
     'create_evaluator': 'evaluator',
     'format_scores': 'evaluator',
     'metric_of_score': 'registry',
+    'worst_class_summary': 'per_class',
+    'class_accuracy_scalars': 'per_class',
 }
 __all__ = tuple(_EXPORTS)
 

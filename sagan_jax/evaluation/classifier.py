@@ -3,12 +3,17 @@
 A CNN trained on the data set itself (`python -m sagan_jax.classifier` trains it and writes the
 file) at the data's resolution and channel count. Its 128-d penultimate features give
 `fd_classifier` (a Frechet distance against the training images' features: not FID, and not
-comparable with it), its predictions `class_accuracy`.
+comparable with it) and `intra_fd_classifier` (the same per class), its predictions
+`class_accuracy`.
 
 The file is one .npz: the parameters as 'params/<module>/<name>' arrays, 'metadata' (JSON: classes,
-widths, feature size, resolution, channels, data, training) and the reference statistics of the
+class_names, widths, feature size, resolution, channels, data, training, the held-out accuracy
+overall and per class with the held-out images per class) and the reference statistics of the
 training images' features ('reference/mu', 'reference/sigma', 'reference/features',
-'reference/info').
+'reference/info'; per class, for at most MAX_CLASS_REFERENCE classes: 'reference/class_mu' [K, D],
+'reference/class_sigma' [K, D, D], 'reference/class_count' [K]). Files written before the
+per-class figures (no class_names, held-out accuracies per class or per-class statistics) load:
+what they lack is None.
 """
 
 import io
@@ -30,6 +35,9 @@ from sagan_jax.evaluation import metrics
 FEATURE_DIM = 128
 FINAL_SIZE = 8  # Conv stages halve the images down to 8x8 before the dense layers.
 TRAIN_HINT = 'python -m sagan_jax.classifier --config=<the training config> --out=PATH'
+# Per-class reference statistics are written for at most this many classes: their covariances
+# take K x 128 x 128 x 8 bytes, 13 MB for 100 classes but 131 MB for ImageNet's 1000.
+MAX_CLASS_REFERENCE = 100
 
 
 class Classifier(nn.Module):
@@ -77,6 +85,9 @@ def save(path: str, params, metadata: Dict[str, Any], reference: metrics.Referen
                  'reference/mu': reference.mu, 'reference/sigma': reference.sigma,
                  'reference/features': reference.features,
                  'reference/info': np.asarray(json.dumps(reference.info, sort_keys=True))})
+  if reference.classes is not None:
+    arrays.update({f'reference/class_{k}': np.asarray(v) for k, v in
+                   reference.classes._asdict().items()})
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -92,9 +103,13 @@ def load_feature_net(path: str) -> Tuple[features.FeatureNet, metrics.Reference]
       metadata = json.loads(str(npz['metadata']))
       flat = {k[len('params/'):]: jnp.asarray(npz[k]) for k in npz.files
               if k.startswith('params/')}
+      classes = None
+      if 'reference/class_mu' in npz.files:  # Older files have no per-class statistics.
+        classes = metrics.ClassReference(*(npz[f'reference/class_{k}']
+                                           for k in metrics.ClassReference._fields))
       reference = metrics.Reference(npz['reference/mu'], npz['reference/sigma'],
                                     npz['reference/features'],
-                                    json.loads(str(npz['reference/info'])))
+                                    json.loads(str(npz['reference/info'])), classes)
     model = Classifier(metadata['num_classes'], tuple(metadata['widths']),
                        metadata['feature_dim'])
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:

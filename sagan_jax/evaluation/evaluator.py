@@ -13,7 +13,10 @@ Feature networks (features.FeatureNet):
 - 'classifier': a small classifier trained on the data set itself (evaluation.classifier, trained
   by `python -m sagan_jax.classifier`), for data sets without Inception weights.
 A metric whose network, weights or reference is missing is skipped with one log line that says
-why; the others run.
+why; the others run. So is a metric whose inputs give no score (registry.Skip: e.g. too few
+samples per class for intra_fd_classifier), logged once however often the evaluator runs. Besides
+the scores, metrics may give details (registry.Result: e.g. class_accuracy's per-class table),
+kept in `Evaluator.details` after each call.
 """
 
 import dataclasses
@@ -55,37 +58,69 @@ def check_reference(reference: metrics.Reference, source: str, feature_dim: int,
                       f'{resolution} px ({REFERENCE_HINT} --config.data.resolution={resolution})')
 
 
-def _missing_real_features(reference: Optional[metrics.Reference]) -> Optional[str]:
-  if reference is None or reference.features is None or len(reference.features) < 2:
+def _missing_input(metric: registry.Metric,
+                   reference: Optional[metrics.Reference]) -> Optional[str]:
+  """Why `reference` lacks what `metric` reads (real features, per-class statistics), or None."""
+  if registry.Input.REAL_FEATURES in metric.needs and (
+      reference is None or reference.features is None or len(reference.features) < 2):
     return 'the reference file holds no real features (write it with sagan_jax.reference_stats)'
+  if registry.Input.CLASS_REFERENCE in metric.needs and (
+      reference is None or reference.classes is None):
+    return (f'the {metric.network} file holds no per-class statistics of real images (written '
+            f'for at most {classifier.MAX_CLASS_REFERENCE} classes): retrain the classifier '
+            f'({classifier.TRAIN_HINT}) to add them')
   return None
 
 
 Scores = Dict[str, float]
 
 
-def compute_scores(metric_names: Sequence[str], sets: Dict[str, features.FeatureSet],
-                   labels: Optional[np.ndarray], references: Dict[str, metrics.Reference]
-                   ) -> Tuple[Scores, Dict[str, str]]:
-  """Scores of the metrics whose inputs are there; returns (scores, {metric: why skipped}).
+class Results(NamedTuple):
+  """What evaluate_metrics gives: scores, {metric: details} and {metric: why skipped}."""
+  scores: Scores
+  details: Dict[str, Any]
+  skipped: Dict[str, str]
 
-  `sets` and `references` are by network name; each metric receives its network's (registry).
+
+def evaluate_metrics(metric_names: Sequence[str], sets: Dict[str, features.FeatureSet],
+                     labels: Optional[np.ndarray], references: Dict[str, metrics.Reference],
+                     network_info: Optional[Dict[str, Dict[str, Any]]] = None) -> Results:
+  """Runs the metrics whose inputs are there; a metric without them, or raising registry.Skip,
+  is skipped with its reason.
+
+  `sets`, `references` and `network_info` (FeatureNet descriptions) are by network name; each
+  metric receives its network's (registry.Inputs).
   """
-  scores, skipped = {}, {}
+  results = Results({}, {}, {})
   for name in metric_names:
     metric = registry.get(name)
     reference = references.get(metric.network)
-    reason = (_missing_real_features(reference) if registry.Input.REAL_FEATURES in metric.needs
-              else None)
+    reason = _missing_input(metric, reference)
     if reason:
-      skipped[name] = reason
+      results.skipped[name] = reason
       continue
-    values = metric.compute(registry.Inputs(sets.get(metric.network), reference, labels))
+    inputs = registry.Inputs(sets.get(metric.network), reference, labels,
+                             (network_info or {}).get(metric.network, {}))
+    try:
+      values = metric.compute(inputs)
+    except registry.Skip as e:
+      results.skipped[name] = str(e)
+      continue
+    if isinstance(values, registry.Result):
+      values, results.details[name] = values
     if set(values) != set(metric.scores):
       raise ValueError(f'metric {name!r} returned the scores {sorted(values)}, not the '
                        f'{sorted(metric.scores)} it is registered with')
-    scores.update(values)
-  return scores, skipped
+    results.scores.update(values)
+  return results
+
+
+def compute_scores(metric_names: Sequence[str], sets: Dict[str, features.FeatureSet],
+                   labels: Optional[np.ndarray], references: Dict[str, metrics.Reference]
+                   ) -> Tuple[Scores, Dict[str, str]]:
+  """evaluate_metrics without details or network descriptions: (scores, {metric: why skipped})."""
+  results = evaluate_metrics(metric_names, sets, labels, references)
+  return results.scores, results.skipped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,8 +216,9 @@ _LOADERS = {'inception': _load_inception, 'classifier': _load_classifier}
 class Evaluator:
   """Scores generator parameters with the configured metrics; compiled once, called repeatedly.
 
-  Build it with `create_evaluator`. Calling it returns the scores (a dict of floats); `skipped`
-  says which requested metrics cannot run and why, `describe()` what was used.
+  Build it with `create_evaluator`. Calling it returns the scores (a dict of floats); `details`
+  then holds the metrics' details of that call ({metric: details}), `skipped` says which requested
+  metrics cannot run and why, `describe()` what was used.
   """
 
   def __init__(self, generator, z_dim: int, mesh, settings: Settings,
@@ -190,6 +226,8 @@ class Evaluator:
                skipped: Dict[str, str]):
     self.settings, self.nets, self.references = settings, list(nets), references
     self.skipped = dict(skipped)
+    self.details: Dict[str, Any] = {}
+    self._logged = set()  # The metrics whose skipping at a call was logged.
     self.metric_names = [m for m in settings.metrics if m not in skipped]
     self._check_sample_counts()
     self._sample_fn = features.create_sample_features_fn(generator, z_dim, self.nets, mesh,
@@ -225,12 +263,18 @@ class Evaluator:
     with_logits = {m.network for m in self._needed(registry.Input.LOGITS)}
     sets, labels = features.sample_features(
         self._sample_fn, g_params, g_state, settings.num_samples, settings.batch_size,
-        jax.random.fold_in(rng, 0), keep, {net.name: net.name in with_logits for net in self.nets})
-    scores, skipped = compute_scores(self.metric_names, sets, labels, self.references)
-    for name, reason in skipped.items():
-      logging.warning('%s skipped: %s', name, reason)
-    self.skipped.update(skipped)
-    return scores
+        jax.random.fold_in(rng, 0), keep, {net.name: net.name in with_logits for net in self.nets},
+        {m.network for m in self._needed(registry.Input.FAKE_CLASS_STATISTICS)})
+    results = evaluate_metrics(self.metric_names, sets, labels, self.references,
+                               {net.name: net.description for net in self.nets})
+    for name, reason in results.skipped.items():
+      if name not in self._logged:  # Once: training evaluates again and again.
+        logging.info('%s skipped: %s', name, reason)
+        self._logged.add(name)
+    self.skipped = {**{k: v for k, v in self.skipped.items() if k not in self.metric_names},
+                    **results.skipped}
+    self.details = results.details
+    return results.scores
 
   def describe(self) -> Dict[str, Any]:
     """The settings, networks and references of the scores (for the JSON file)."""
@@ -263,6 +307,13 @@ def create_evaluator(config, generator, mesh, settings: Settings,
       references[network] = loaded.reference
     skipped.update({m.name: 'no reference statistics' for m in wanted
                     if m.needs_reference and loaded.reference is None})
+    # Known before sampling: no per-class statistics of the samples are kept for nothing.
+    for metric in wanted:
+      if registry.Input.CLASS_REFERENCE in metric.needs and loaded.reference is not None:
+        reason = _missing_input(metric, loaded.reference)
+        if reason:
+          logging.info('%s skipped: %s', metric.name, reason)
+          skipped[metric.name] = reason
   return Evaluator(generator, config.model.z_dim, mesh, settings, nets, references, skipped)
 
 

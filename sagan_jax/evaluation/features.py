@@ -13,7 +13,7 @@ of the batch moments of G in training mode over N batches of random z and labels
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from sagan_jax import latents
 from sagan_jax import sharding
 from sagan_jax.evaluation import inception
 from sagan_jax.evaluation import metrics
+from sagan_jax.evaluation import per_class
 from sagan_jax.evaluation.inception_weights import PTH_NAME
 from sagan_jax.layers import BATCH_STATS
 from sagan_jax.layers import SPECTRAL
@@ -123,30 +124,38 @@ def create_features_fn(nets: Sequence[FeatureNet], mesh,
 
 class FeatureSet:
   """One network's outputs over a sample set, on the host: running statistics of the features
-  (with the first `keep` rows) and all logits (float32)."""
+  (with the first `keep` rows), all logits (float32) and, when `by_class`, the features' running
+  statistics of each class (`class_stats`, a per_class.ClassStatistics; else None)."""
 
-  def __init__(self, keep: int, keep_logits: bool = True):
+  def __init__(self, keep: int, keep_logits: bool = True, by_class: bool = False):
     self.stats = metrics.RunningStatistics(keep)
     self.keep_logits = keep_logits
+    self.class_stats = per_class.ClassStatistics() if by_class else None
     self._logits: List[np.ndarray] = []
 
-  def update(self, outputs: Dict[str, np.ndarray]) -> None:
+  def update(self, outputs: Dict[str, np.ndarray], labels: Optional[np.ndarray] = None) -> None:
+    """Adds a batch; `labels` (the class of each row) are needed when the set is `by_class`."""
     self.stats.update(outputs['features'])
     if self.keep_logits:  # 50,000 x 1008 Inception logits are 200 MB.
       self._logits.append(np.asarray(outputs['logits'], np.float32))
+    if self.class_stats is not None:
+      self.class_stats.update(outputs['features'], labels)
 
   def logits(self) -> np.ndarray:
     return np.concatenate(self._logits)
 
 
 def feature_sets(features_fn: Callable[[np.ndarray], Outputs],
-                 batches: Iterable[Dict[str, np.ndarray]], keep: int) -> Dict[str, FeatureSet]:
-  """FeatureSets (by network, without logits) of `batches`' images ({'image': [b, H, W, C]}):
-  real images, for reference statistics; `features_fn` is one of create_features_fn."""
+                 batches: Iterable[Dict[str, np.ndarray]], keep: int,
+                 by_class: bool = False) -> Dict[str, FeatureSet]:
+  """FeatureSets (by network, without logits) of `batches`' images ({'image': [b, H, W, C]},
+  with 'label' [b] when `by_class`): real images, for reference statistics; `features_fn` is one
+  of create_features_fn."""
   sets = {}
   for batch in batches:
     for name, out in features_fn(batch['image']).items():
-      sets.setdefault(name, FeatureSet(keep, keep_logits=False)).update(out)
+      sets.setdefault(name, FeatureSet(keep, False, by_class)).update(
+          out, batch['label'] if by_class else None)
   return sets
 
 
@@ -163,15 +172,18 @@ def batch_key(rng: jax.Array, index: int) -> np.ndarray:
 
 
 def sample_features(sample_fn, g_params, g_state, num_samples: int, batch_size: int,
-                    rng: jax.Array, keep: int, keep_logits: Dict[str, bool]
-                    ) -> Tuple[Dict[str, FeatureSet], np.ndarray]:
+                    rng: jax.Array, keep: int, keep_logits: Dict[str, bool],
+                    by_class: Iterable[str] = ()) -> Tuple[Dict[str, FeatureSet], np.ndarray]:
   """Runs `sample_fn` until `num_samples` samples; returns FeatureSets by net and the labels.
 
-  FeatureSets keep the first `keep` feature rows, and all logits of the nets `keep_logits` says.
+  FeatureSets keep the first `keep` feature rows, all logits of the nets `keep_logits` says, and
+  per-class statistics of the nets named in `by_class`.
   Batch i draws its z and labels from batch_key(rng, i). The next batch is dispatched before the
   current one is read, so the device does not wait for the host's statistics.
   """
-  sets = {name: FeatureSet(keep, with_logits) for name, with_logits in keep_logits.items()}
+  by_class = set(by_class)
+  sets = {name: FeatureSet(keep, with_logits, name in by_class)
+          for name, with_logits in keep_logits.items()}
   labels = []
   batches = list(batch_counts(num_samples, batch_size))
   pending = sample_fn(g_params, g_state, batch_key(rng, 0))
@@ -182,7 +194,7 @@ def sample_features(sample_fn, g_params, g_state, num_samples: int, batch_size: 
     batch_labels, outputs = jax.device_get(current)
     labels.append(batch_labels[:count])
     for name, out in outputs.items():
-      sets[name].update({k: v[:count] for k, v in out.items()})
+      sets[name].update({k: v[:count] for k, v in out.items()}, labels[-1])
   return sets, np.concatenate(labels)
 
 

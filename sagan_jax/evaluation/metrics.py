@@ -98,11 +98,13 @@ class RunningStatistics:
       self._kept.append(np.asarray(batch[:room], np.float32))
     self.count += num
 
-  def statistics(self) -> Tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma); ConfigError when there are not more samples than dimensions."""
+  def statistics(self, check: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma); ConfigError when there are not more samples than dimensions (unless not
+    `check`: sigma is then singular, and zero for a single sample)."""
     dim = 0 if self._mean is None else self._mean.shape[0]
-    check_enough_samples(self.count, dim)
-    return self._mean, self._m2 / (self.count - 1)
+    if check:
+      check_enough_samples(self.count, dim)
+    return self._mean, self._m2 / max(self.count - 1, 1)
 
   def kept(self) -> np.ndarray:
     """The first `keep` rows seen, float32 [min(keep, count), D]."""
@@ -114,13 +116,23 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
   save_reference(path, mu, sigma)
 
 
+class ClassReference(NamedTuple):
+  """Statistics of real features by class: `mu` [K, D], `sigma` [K, D, D] (float64) and `count`
+  [K], the images of each class (a class without images has zeros)."""
+  mu: np.ndarray
+  sigma: np.ndarray
+  count: np.ndarray
+
+
 class Reference(NamedTuple):
   """Statistics of real features: `mu`, `sigma`, maybe a subset of the features themselves
-  (`features`, for KID and precision/recall) and `info` (feature_dim, resolution, data, ...)."""
+  (`features`, for KID and precision/recall), `info` (feature_dim, resolution, data, ...) and
+  maybe the statistics of each class (`classes`, a ClassReference: the classifier's file)."""
   mu: np.ndarray
   sigma: np.ndarray
   features: Optional[np.ndarray]
   info: Dict[str, Any]
+  classes: Optional[ClassReference] = None
 
 
 def save_reference(path: str, mu, sigma, features=None, **info) -> None:

@@ -8,26 +8,34 @@ functions; `eval.metrics` and `eval.best_metric` are checked against them, and t
 (sagan_jax.checkpointing.BestCheckpoint) takes its ranking direction from them.
 
 A new metric is one `register(Metric(...))` below: its function receives `Inputs` (its network's
-outputs over the samples, that network's reference statistics of real images, the labels) and
-returns its scores. A new feature network also needs a loader in evaluator.py.
+outputs over the samples, that network's reference statistics of real images, the labels, the
+network's description) and returns its scores, or a `Result` of its scores and details (the
+results that are no single number: per-class tables and the like, JSON-able; the evaluate tool
+writes them to its JSON file, the training loop to WORKDIR/eval/train_step_N.json). It raises
+`Skip(reason)` when its inputs are there but cannot give a score (the evaluator reports the metric
+as skipped, with the reason naming the fix, and the other metrics run). A new feature network also
+needs a loader in evaluator.py.
 
 The built-in metrics (conventions: sagan_jax.evaluation.metrics):
 - fid, is (+ is_std), kid (+ kid_std), precision_recall (precision, recall): pytorch-fid's FID
   Inception; all but IS compare with reference statistics of the training images.
-- fd_classifier, class_accuracy: the small classifier trained on the data set (for data sets
-  without Inception weights); fd_classifier is a Frechet distance in its 128-d features (not FID,
-  not comparable with it), class_accuracy the share of class-conditional samples it classifies as
-  the class they were generated for.
+- fd_classifier, class_accuracy, intra_fd_classifier: the small classifier trained on the data set
+  (for data sets without Inception weights); fd_classifier is a Frechet distance in its 128-d
+  features (not FID, not comparable with it), class_accuracy the share of class-conditional
+  samples it classifies as the class they were generated for (+ worst_class_accuracy, that share
+  in the worst class; the per-class table in its details), intra_fd_classifier the mean over
+  classes of the Frechet distance between a class's samples and its real images (per_class.py).
 """
 
 import dataclasses
 import enum
-from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
 from sagan_jax.errors import ConfigError
 from sagan_jax.evaluation import metrics
+from sagan_jax.evaluation import per_class
 
 NETWORKS = ('inception', 'classifier')  # The feature networks the evaluator can load.
 LOWER, HIGHER = 'lower', 'higher'  # Which way a score is better; None: it ranks nothing.
@@ -41,6 +49,14 @@ class Input(enum.Enum):
   LABELS = 'labels'  # The class each sample was generated for.
   REFERENCE = 'reference'  # The network's statistics (mu, sigma) of real images.
   REAL_FEATURES = 'real features'  # Real feature rows, kept in the reference file.
+  # The samples' features' mean and covariance per class (kept only when a metric reads them).
+  FAKE_CLASS_STATISTICS = 'fake class statistics'
+  CLASS_REFERENCE = 'class reference'  # The network's statistics of real images per class.
+
+
+class Skip(Exception):
+  """Raised by a metric's function: no score from these inputs; the message says why and names
+  the fix (one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +65,25 @@ class Inputs:
 
   Attributes:
     fake: its network's outputs over the samples (evaluation.features.FeatureSet): `stats`, a
-      metrics.RunningStatistics (statistics(), kept()), and `logits()`.
-    reference: its network's statistics of real images (metrics.Reference), or None.
+      metrics.RunningStatistics (statistics(), kept()), `logits()` and `class_stats` (a
+      per_class.ClassStatistics).
+    reference: its network's statistics of real images (metrics.Reference; `classes`: per class),
+      or None.
     labels: the class each sample was generated for, int [num_samples], or None.
+    network_info: its network's description (FeatureNet.description; the classifier's holds its
+      file's metadata: num_classes, class_names, heldout_per_class_accuracy, ...).
   """
   fake: Any
   reference: Optional[metrics.Reference]
   labels: Optional[np.ndarray]
+  network_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Result(NamedTuple):
+  """What a metric's function may return instead of its scores alone: the scores and `details`,
+  its results that are no single number (JSON-able: dicts, lists, str, numbers, None)."""
+  scores: Dict[str, float]
+  details: Dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +95,8 @@ class Metric:
     network: the feature network it reads (one of NETWORKS).
     needs: the inputs it reads.
     scores: the scores it writes, each LOWER or HIGHER (better), or None when it ranks nothing.
-    compute: Inputs -> {score: value} for exactly `scores`.
+    compute: Inputs -> {score: value} for exactly `scores`, or a Result of those and details;
+      raises Skip when the inputs give no score.
     check_samples: (name, num_samples, feature net) -> None, raising ConfigError when there are
       too few samples for the metric; None: any number will do.
   """
@@ -75,12 +104,12 @@ class Metric:
   network: str
   needs: FrozenSet[Input]
   scores: Mapping[str, Optional[str]]
-  compute: Callable[[Inputs], Dict[str, float]]
+  compute: Callable[[Inputs], Union[Dict[str, float], Result]]
   check_samples: Optional[Callable[[str, int, Any], None]] = None
 
   @property
   def needs_reference(self) -> bool:
-    return bool({Input.REFERENCE, Input.REAL_FEATURES} & self.needs)
+    return bool({Input.REFERENCE, Input.REAL_FEATURES, Input.CLASS_REFERENCE} & self.needs)
 
 
 REGISTRY: Dict[str, Metric] = {}
@@ -179,9 +208,35 @@ def _precision_recall(inputs: Inputs) -> Dict[str, float]:
   return {'precision': precision, 'recall': recall}
 
 
-def _class_accuracy(inputs: Inputs) -> Dict[str, float]:
-  predicted = np.argmax(inputs.fake.logits(), axis=1)
-  return {'class_accuracy': float(np.mean(predicted == inputs.labels))}
+def _heldout_missing(info: Mapping[str, Any]) -> Optional[str]:
+  """Why the classifier's description has no per-class held-out accuracies, or None."""
+  if 'heldout_per_class_accuracy' not in info:
+    return ('the classifier file predates per-class held-out accuracies: retraining the '
+            'classifier (python -m sagan_jax.classifier) adds them')
+  if info['heldout_per_class_accuracy'] is None:
+    return 'the classifier was measured on no held-out split (--heldout_split)'
+  return None
+
+
+def _class_accuracy(inputs: Inputs) -> Result:
+  logits, info = inputs.fake.logits(), inputs.network_info
+  predicted = np.argmax(logits, axis=1)
+  table = per_class.class_accuracy_table(predicted, inputs.labels, logits.shape[1],
+                                         info.get('class_names'),
+                                         info.get('heldout_per_class_accuracy'))
+  table['heldout_missing'] = _heldout_missing(info)
+  return Result({'class_accuracy': float(np.mean(predicted == inputs.labels)),
+                 'worst_class_accuracy': table['worst']['accuracy']}, table)
+
+
+def _intra_frechet_distance(inputs: Inputs) -> Result:
+  fake, real = inputs.fake.class_stats, inputs.reference.classes
+  reason = per_class.intra_fd_skip_reason(fake, real, real.mu.shape[1])
+  if reason:
+    raise Skip(reason)
+  rows = per_class.intra_fd_table(fake, real, inputs.network_info.get('class_names'))
+  return Result({'intra_fd_classifier': float(np.mean([r['intra_fd'] for r in rows]))},
+                {'classes': rows})
 
 
 _STATS, _FEATURES = Input.FAKE_STATISTICS, Input.FAKE_FEATURES
@@ -197,4 +252,7 @@ register(Metric('fd_classifier', 'classifier', frozenset({_STATS, Input.REFERENC
                 {'fd_classifier': LOWER}, _frechet_distance('fd_classifier'),
                 _more_samples_than_features))
 register(Metric('class_accuracy', 'classifier', frozenset({Input.LOGITS, Input.LABELS}),
-                {'class_accuracy': HIGHER}, _class_accuracy))
+                {'class_accuracy': HIGHER, 'worst_class_accuracy': HIGHER}, _class_accuracy))
+register(Metric('intra_fd_classifier', 'classifier',
+                frozenset({Input.FAKE_CLASS_STATISTICS, Input.CLASS_REFERENCE}),
+                {'intra_fd_classifier': LOWER}, _intra_frechet_distance))
