@@ -5,13 +5,16 @@
 
 trains a small CNN (sagan_jax.evaluation.classifier: the network and the file) on real images of
 the configured data set, at its resolution and channel count (input_pipeline.create_eval_iterator),
-checks its accuracy on held-out real images, computes the 128-d penultimate features of up to
---num_reference_images training images (flips off) and saves parameters, metadata and those
-reference statistics in one .npz. The evaluator
+checks its accuracy on held-out real images (overall and per class), computes the 128-d
+penultimate features of up to --num_reference_images training images (flips off) and saves
+parameters, metadata (with the class names) and those reference statistics (overall and, for at
+most 100 classes, per class) in one .npz. The evaluator
 (`python -m sagan_jax.evaluate --classifier=PATH`, or WORKDIR/classifier.npz) then reports
 `fd_classifier`, the Frechet distance between samples' and training images' features in this
-network (not FID: other features, not comparable with published numbers), and `class_accuracy`,
-the share of class-conditional samples it classifies as the class they were generated for.
+network (not FID: other features, not comparable with published numbers), `intra_fd_classifier`,
+its mean over classes of the distance within each class, and `class_accuracy`, the share of
+class-conditional samples it classifies as the class they were generated for (per class next to
+the held-out accuracy of that class, the most the classifier can give it).
 
 Which images it learns from:
 - Fashion-MNIST: the 10,000 test images, which the GAN never sees; held out: 10,000 training
@@ -100,14 +103,28 @@ def train(model: classifier_net.Classifier, batches, num_steps: int, seed: int,
   return params
 
 
-def accuracy(features_fn, batches) -> float:
-  """The share of `batches`' images whose predicted class (of `features_fn`) is their label."""
-  hits = total = 0
+def accuracy(features_fn, batches, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(hits, counts) per class, int [num_classes]: of `batches`' images of each label, how many
+  there are and how many `features_fn` predicts as that label."""
+  hits, counts = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
   for batch in batches:
     logits = features_fn(batch['image'])['classifier']['logits']
-    hits += int(np.sum(np.argmax(logits, axis=-1) == batch['label']))
-    total += len(batch['label'])
-  return hits / max(total, 1)
+    labels = np.asarray(batch['label'])
+    hits += np.bincount(labels[np.argmax(logits, axis=-1) == labels], minlength=num_classes)
+    counts += np.bincount(labels, minlength=num_classes)
+  return hits, counts
+
+
+def heldout_figures(hits: Optional[np.ndarray], counts: Optional[np.ndarray]) -> Dict[str, Any]:
+  """The metadata's held-out accuracy, overall and per class (each class's ceiling in
+  class_accuracy), and images per class; None everywhere when not measured (no hits)."""
+  if hits is None:
+    return {'heldout_accuracy': None, 'heldout_per_class_accuracy': None,
+            'heldout_per_class_count': None}
+  return {'heldout_accuracy': int(hits.sum()) / max(int(counts.sum()), 1),
+          'heldout_per_class_accuracy': [int(h) / int(c) if c else None
+                                         for h, c in zip(hits, counts)],
+          'heldout_per_class_count': [int(c) for c in counts]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +144,9 @@ def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int
                            train_split: Optional[str] = None,
                            heldout_split: Optional[str] = None) -> Dict[str, Any]:
   """Trains the classifier on `config`'s data and writes `out`; returns its metadata."""
-  from sagan_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from sagan_jax import data_sources
+  from sagan_jax import input_pipeline
   start = time.perf_counter()
   default_train, default_heldout = default_splits(config.data)
   train_split = train_split or default_train
@@ -144,26 +163,35 @@ def create_classifier_file(config, out: str, epochs: float = 10, batch_size: int
   # One compiled forward for the held-out accuracy and the reference features.
   features_fn = features.create_features_fn([net], sharding.create_mesh(jax.local_devices()),
                                             batch_size=500)
-  heldout_accuracy = None
+  heldout = heldout_figures(None, None)
   if heldout_split and num_heldout:
-    heldout_accuracy = accuracy(features_fn, input_pipeline.create_eval_iterator(
-        config.data, 500, heldout_split, num_heldout))
+    heldout = heldout_figures(*accuracy(features_fn, input_pipeline.create_eval_iterator(
+        config.data, 500, heldout_split, num_heldout), config.data.num_classes))
   real = input_pipeline.create_eval_iterator(config.data, 500, None, num_reference_images)
-  stats = features.feature_sets(features_fn, real, metrics.REFERENCE_FEATURES_KEPT)[
-      'classifier'].stats
-  reference_info = {'data': config.data.name, 'split': config.data.split,
-                    'num_images': real.num_examples, 'resolution': config.data.resolution,
-                    'channels': config.data.channels}
+  reference = real_reference(features_fn, real, config.data, model.feature_dim)
   metadata = {
-      'num_classes': config.data.num_classes, 'widths': list(model.widths),
-      'feature_dim': model.feature_dim, 'resolution': config.data.resolution,
-      'channels': config.data.channels, 'data': config.data.name, 'train_split': train_split,
-      'train_images': count, 'train_steps': num_steps, 'heldout_split': heldout_split,
-      'heldout_accuracy': heldout_accuracy, 'seed': seed,
+      'num_classes': config.data.num_classes, 'class_names': data_sources.class_names(config.data),
+      'widths': list(model.widths), 'feature_dim': model.feature_dim,
+      'resolution': config.data.resolution, 'channels': config.data.channels,
+      'data': config.data.name, 'train_split': train_split, 'train_images': count,
+      'train_steps': num_steps, 'heldout_split': heldout_split, **heldout, 'seed': seed,
       'seconds': round(time.perf_counter() - start, 1)}
-  classifier_net.save(out, params, metadata, metrics.Reference(*stats.statistics(), stats.kept(),
-                                                               reference_info))
+  classifier_net.save(out, params, metadata, reference)
   return metadata
+
+
+def real_reference(features_fn, real, data_config, feature_dim: int) -> metrics.Reference:
+  """The reference statistics of the real images of `real` (an EvalIterator), in one pass: all
+  of them, and per class for at most classifier_net.MAX_CLASS_REFERENCE classes."""
+  by_class = data_config.num_classes <= classifier_net.MAX_CLASS_REFERENCE
+  feature_set = features.feature_sets(features_fn, real, metrics.REFERENCE_FEATURES_KEPT,
+                                      by_class)['classifier']
+  info = {'data': data_config.name, 'split': data_config.split, 'num_images': real.num_examples,
+          'resolution': data_config.resolution, 'channels': data_config.channels}
+  classes = (feature_set.class_stats.reference(data_config.num_classes, feature_dim)
+             if by_class else None)
+  return metrics.Reference(*feature_set.stats.statistics(), feature_set.stats.kept(), info,
+                           classes)
 
 
 def train_classifier(fv: flags.FlagValues) -> int:
@@ -180,7 +208,20 @@ def train_classifier(fv: flags.FlagValues) -> int:
         f"{metadata['train_split']} images in {metadata['seconds']} s; accuracy on held-out "
         + (f"{metadata['heldout_split']} images: {heldout:.4f}" if heldout is not None else
            'images: not measured (no held-out split)'))
+  if heldout is not None:
+    print(f'  {_lowest_class(metadata)}')
   return 0
+
+
+def _lowest_class(metadata: Dict[str, Any]) -> str:
+  """'lowest class: 6 Shirt 0.6230 (1000 images)': the held-out class of lowest accuracy."""
+  per_class = metadata['heldout_per_class_accuracy']
+  measured = [c for c, a in enumerate(per_class) if a is not None]
+  low = min(measured, key=lambda c: per_class[c])
+  names = metadata['class_names']
+  name = f' {names[low]}' if names and low < len(names) else ''
+  return (f"lowest held-out accuracy of a class: {low}{name} {per_class[low]:.4f} "
+          f"({metadata['heldout_per_class_count'][low]} images)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""Scores a checkpoint's generator: FID, IS, KID, precision/recall, fd_classifier, class_accuracy.
+"""Scores a checkpoint's generator: FID, IS, KID, precision/recall and the classifier's metrics.
 
   python -m sagan_jax.evaluate --workdir=DIR [--step=N | --best] [--raw] [--num_samples=50000]
       [--batch_size=256] [--truncation=0] [--standing_stats=0] [--metrics=fid,is,...]
@@ -14,7 +14,10 @@ statistics from eval.reference_stats; the classifier from eval.classifier_path, 
 WORKDIR/classifier.npz. A metric whose file is missing is skipped with one log line.
 The scores go to stdout, to DIR/eval/step_N[_best][_raw][_truncT][_standingN].json (with the
 number of samples, the generator, the feature networks and reference files used) and to
-TensorBoard in DIR (scalars eval[_best][_raw]...[/fid] at the checkpoint's step).
+TensorBoard in DIR (scalars eval[_best][_raw]...[/fid] at the checkpoint's step). With the
+classifier's metrics, stdout also shows a table per class (accuracy, the classifier's held-out
+accuracy of the class, their ratio, the class most often taken for, intra-FD) and the worst class;
+the JSON holds the metrics' `details` and that table as `per_class`.
 """
 
 import json
@@ -52,6 +55,7 @@ def run(workdir: str, step: Optional[int] = None, use_ema: bool = True, best: bo
   from sagan_jax import checkpointing
   from sagan_jax import evaluation
   from sagan_jax import sharding
+  from sagan_jax.evaluation import per_class
   best_metadata = None
   if best:
     if step is not None:
@@ -75,7 +79,8 @@ def run(workdir: str, step: Optional[int] = None, use_ema: bool = True, best: bo
   result = {'step': step, 'workdir': str(workdir),
             'checkpoint': 'best' if best else 'checkpoints', 'best': best_metadata,
             'generator': 'ema' if use_ema else 'raw', 'num_samples': settings.num_samples,
-            'scores': scores, **evaluator.describe(),
+            'scores': scores, 'details': evaluator.details,
+            'per_class': per_class.merge(evaluator.details), **evaluator.describe(),
             'seconds': round(time.perf_counter() - start, 1)}
   variant = _variant(best, use_ema, settings.truncation, settings.standing_stats)
   path = epath.Path(workdir) / 'eval' / f'step_{step:07d}{variant}.json'
@@ -102,8 +107,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('standing_stats', 0, 'Recompute BN statistics from this many batches of '
                        'G in training mode first (0: off).', flag_values=fv)
   flags.DEFINE_list('metrics', None, 'Comma-separated metric names: fid, is, kid, '
-                    'precision_recall, fd_classifier, class_accuracy or another of '
-                    'sagan_jax/evaluation/registry.py (default: all).', flag_values=fv)
+                    'precision_recall, fd_classifier, class_accuracy, intra_fd_classifier or '
+                    'another of sagan_jax/evaluation/registry.py (default: all).',
+                    flag_values=fv)
   flags.DEFINE_string('reference_stats', None, 'Reference .npz (sagan_jax.reference_stats).',
                       flag_values=fv)
   flags.DEFINE_string('inception_path', None, 'FID Inception weights (.pth or converted .npz).',
@@ -129,8 +135,25 @@ def evaluate(fv: flags.FlagValues) -> int:
     print(f'  {name}: {value:.6g}')
   for name, reason in result['skipped'].items():
     print(f'  {name}: skipped ({reason})')
+  _print_per_class(result)
   print(f'wrote {path}')
   return 0
+
+
+def _print_per_class(result: Dict[str, Any]) -> None:
+  """The per-class table and the worst class, when a per-class metric ran."""
+  # pylint: disable=g-import-not-at-top  (after the flags: --help loads no metrics)
+  from sagan_jax.evaluation import per_class
+  if not result['per_class']:
+    return
+  print('per class:')
+  for line in per_class.format_table(result['per_class']):
+    print(f'  {line}')
+  accuracy = result['details'].get('class_accuracy')
+  if accuracy:
+    print(f"  {per_class.worst_class_summary(accuracy)}")
+    if accuracy['heldout_missing']:
+      print(f"  held-out: none per class ({accuracy['heldout_missing']})")
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """The training loop: validation, resume, the compiled step, logs, sample grids and checkpoints."""
 
 import functools
+import json
 import signal
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
@@ -307,8 +308,9 @@ def _wait_for_saves(manager) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation during training (eval.every_steps): scores to the log and TensorBoard (eval/...),
-# and WORKDIR/best kept by eval.best_metric.
+# Evaluation during training (eval.every_steps): scores to the log and TensorBoard (eval/...,
+# with per-class accuracies), scores and details to WORKDIR/eval/train_step_N.json, and
+# WORKDIR/best kept by eval.best_metric.
 
 
 def _create_periodic_evaluation(config, workdir: epath.Path, generator, mesh, writer):
@@ -335,15 +337,27 @@ def _create_periodic_evaluation(config, workdir: epath.Path, generator, mesh, wr
     else:
       logging.warning('eval.best_metric=%s is not evaluated (%s): no best checkpoint is kept',
                       eval_config.best_metric, evaluator.skipped.get(metric, 'not in eval.metrics'))
-  return functools.partial(_evaluate, config, evaluator, best, writer)
+  return functools.partial(_evaluate, config, workdir, evaluator, best, writer)
 
 
-def _evaluate(config, evaluator, best, writer, step: int, state) -> Dict[str, float]:
+def _evaluate(config, workdir: epath.Path, evaluator, best, writer, step: int,
+              state) -> Dict[str, float]:
   start = time.perf_counter()
   scores = evaluator(state.generator_params(config.eval.use_ema), state.g_state)
-  writer.write_scalars(step, {f'eval/{k}': v for k, v in scores.items()})
-  logging.info('eval at step %d (%d samples, %.1f s): %s', step, config.eval.num_samples,
-               time.perf_counter() - start, evaluation.format_scores(scores))
+  accuracy = evaluator.details.get('class_accuracy')
+  scalars = {f'eval/{k}': v for k, v in scores.items()}
+  if accuracy:  # eval/class_accuracy/<index>_<name>
+    scalars.update(evaluation.class_accuracy_scalars(accuracy, 'eval/class_accuracy'))
+  writer.write_scalars(step, scalars)
+  logging.info('eval at step %d (%d samples, %.1f s): %s%s', step, config.eval.num_samples,
+               time.perf_counter() - start, evaluation.format_scores(scores),
+               f'; {evaluation.worst_class_summary(accuracy)}' if accuracy else '')
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / 'eval' / f'train_step_{step:07d}.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'step': step, 'num_samples': config.eval.num_samples,
+                                'scores': scores, 'details': evaluator.details},
+                               indent=2, sort_keys=True))
   if best is not None:
     best.update(state, config, scores)
   return scores
