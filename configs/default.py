@@ -121,14 +121,17 @@ def get_config() -> ml_collections.ConfigDict:
   # set it (e.g. 10_000) together with inception_path and reference_stats.
   eval_config.every_steps = 0
   # Metrics during training: any of fid, is, kid, precision_recall, fd_classifier,
-  # class_accuracy (KID and precision/recall cost minutes of host time per evaluation).
-  eval_config.metrics = ('fid', 'is', 'fd_classifier', 'class_accuracy')
+  # class_accuracy, intra_fd_classifier (KID and precision/recall cost minutes of host time per
+  # evaluation). intra_fd_classifier needs more than 128 samples in every class (else it is
+  # skipped, saying so once) and a classifier of at most 100 classes.
+  eval_config.metrics = ('fid', 'is', 'fd_classifier', 'class_accuracy', 'intra_fd_classifier')
   eval_config.num_samples = 10_000  # Samples per evaluation during training (the CLI: 50,000).
   eval_config.batch_size = 256  # Samples per batch over all devices (padded to the device count).
   eval_config.use_ema = True  # Evaluate the EMA generator during training (else the raw one).
   eval_config.truncation = 0.0  # Truncation threshold of z (0: plain N(0, I)).
   eval_config.standing_stats = 0  # Batches of standing BN statistics before evaluating (0: off).
-  # WORKDIR/best keeps G of the step with the best score: 'fid', 'kid', 'fd_classifier' (lower
-  # is better), 'is', 'precision', 'recall', 'class_accuracy' (higher); '': no best checkpoint.
+  # WORKDIR/best keeps G of the step with the best score: 'fid', 'kid', 'fd_classifier',
+  # 'intra_fd_classifier' (lower is better), 'is', 'precision', 'recall', 'class_accuracy',
+  # 'worst_class_accuracy' (higher); '': no best checkpoint.
   eval_config.best_metric = 'fid'
   return config

@@ -32,6 +32,7 @@ from sagan_jax.evaluation import evaluator
 from sagan_jax.evaluation import features
 from sagan_jax.evaluation import inception_weights
 from sagan_jax.evaluation import metrics
+from sagan_jax.evaluation import per_class
 from sagan_jax.train_state import GANTrainState
 from tests.conftest import tiny_config
 from tests.conftest import write_idx
@@ -180,17 +181,66 @@ def test_classifier_learns_the_classes_and_its_reference_is_all_training_images(
   # The reference is every training image once (no flips, no repeats): numpy on all of them.
   # The features there were computed in other batches: float32 rounding bounded by the absolute
   # terms of the feature layer (the classifier's longest reduction).
-  images = padded_real(square_images(NUM_TRAIN, 0)[0])
-  real = np.asarray(net.apply_fn(net.variables, images)['features'], np.float64)
-  mu_error, sigma_error = statistics_rounding(
-      real, *dense_abs_terms(net.apply_fn, net.variables, images, net.feature_dim))
+  images, labels = square_images(NUM_TRAIN, 0)
+  images = padded_real(images)
+  outputs = jax.device_get(net.apply_fn(net.variables, images))
+  real = np.asarray(outputs['features'], np.float64)
+  abs_terms, terms = dense_abs_terms(net.apply_fn, net.variables, images, net.feature_dim)
+  mu_error, sigma_error = statistics_rounding(real, abs_terms, terms)
   tolerances.assert_within(reference.mu, real.mean(0), mu_error, 'reference mu')
   tolerances.assert_within(reference.sigma, np.cov(real.T), sigma_error, 'reference sigma')
   assert reference.features.shape == (NUM_TRAIN, 128)
+  # Per class, in the same pass: the same bounds on each class's 30 images.
+  assert reference.classes.count.tolist() == [NUM_TRAIN // 10] * 10
+  assert reference.classes.sigma.shape == (10, 128, 128) and reference.classes.sigma.dtype == float
+  for c in range(10):
+    mu_error, sigma_error = statistics_rounding(real[labels == c], abs_terms[labels == c], terms)
+    tolerances.assert_within(reference.classes.mu[c], real[labels == c].mean(0), mu_error,
+                             f'class {c} mu')
+    tolerances.assert_within(reference.classes.sigma[c], np.cov(real[labels == c].T), sigma_error,
+                             f'class {c} sigma')
+  # The held-out split is these images: accuracy per class, the same in the file's metadata.
+  assert metadata['class_names'][6] == 'Shirt' and net.description['class_names'][6] == 'Shirt'
+  assert metadata['heldout_per_class_count'] == [NUM_TRAIN // 10] * 10
+  hits = np.round(np.multiply(metadata['heldout_per_class_accuracy'], NUM_TRAIN // 10))
+  assert metadata['heldout_accuracy'] == hits.sum() / NUM_TRAIN
+  direct = [np.mean(outputs['logits'][labels == c].argmax(1) == c) for c in range(10)]
+  # Other batches: rounding may flip the argmax of a near-tie image (1 of a class's 30).
+  np.testing.assert_allclose(metadata['heldout_per_class_accuracy'], direct, rtol=0,
+                             atol=1 / 30 + 1e-12)
+  assert net.description['heldout_per_class_accuracy'] == metadata['heldout_per_class_accuracy']
   other = tiny_config()
   other.data.channels = 3
   with pytest.raises(ConfigError, match='data.channels=1 but the generator has data.channels=3'):
     classifier.check_compatible(net, other, path)
+
+
+def test_an_old_classifier_file_without_the_per_class_figures_still_loads(
+    classifier_file, tmp_path):
+  path = str(tmp_path / 'old.npz')
+  with np.load(classifier_file[0]) as npz:
+    arrays = {k: npz[k] for k in npz.files if not k.startswith('reference/class_')}
+  metadata = json.loads(str(arrays['metadata']))
+  for key in ('class_names', 'heldout_per_class_accuracy', 'heldout_per_class_count'):
+    del metadata[key]
+  arrays['metadata'] = np.asarray(json.dumps(metadata))
+  np.savez(path, **arrays)
+  net, reference = classifier.load_feature_net(path)
+  assert reference.classes is None and 'heldout_per_class_accuracy' not in net.description
+  new_net, new_reference = classifier.load_feature_net(classifier_file[0])
+  np.testing.assert_array_equal(reference.sigma, new_reference.sigma)
+  # class_accuracy runs without ceilings and says where they come from; intra-FD is skipped.
+  labels = np.arange(200) % 10
+  fake = features.FeatureSet(keep=0, by_class=True)
+  fake.update({'features': np.random.default_rng(0).standard_normal((200, 128)),
+               'logits': np.eye(10)[labels]}, labels)
+  results = evaluator.evaluate_metrics(['class_accuracy', 'intra_fd_classifier'],
+                                       {'classifier': fake}, labels, {'classifier': reference},
+                                       {'classifier': net.description})
+  assert results.scores == {'class_accuracy': 1.0, 'worst_class_accuracy': 1.0}
+  assert 'retraining the classifier' in results.details['class_accuracy']['heldout_missing']
+  assert 'retrain the classifier' in results.skipped['intra_fd_classifier']
+  assert new_net.description['heldout_per_class_accuracy'] is not None
 
 
 def test_fd_classifier_of_real_images_against_their_reference_is_about_zero(classifier_file):
@@ -223,15 +273,17 @@ def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
   skip_lines = [r.getMessage() for r in caplog.records if 'Inception metrics are skipped' in
                 r.getMessage()]
   assert len(skip_lines) == 1 and inception_weights.PTH_NAME in skip_lines[0]
-  out = capsys.readouterr().out
-  assert 'fid: skipped (no Inception weights)' in out and 'class_accuracy: ' in out
+  stdout = capsys.readouterr().out
+  assert 'fid: skipped (no Inception weights)' in stdout and 'class_accuracy: ' in stdout
 
   path = os.path.join(workdir, 'eval', 'step_0000007.json')
   with open(path) as f:
     result = json.load(f)
   assert result['num_samples'] == 150 and result['generator'] == 'ema'
   assert result['feature_networks']['classifier']['path'] == classifier_file[0]
-  assert set(result['scores']) == {'fd_classifier', 'class_accuracy'}
+  assert set(result['scores']) == {'fd_classifier', 'class_accuracy', 'worst_class_accuracy'}
+  # 150 samples are about 15 per class: intra-FD is skipped, naming the fix (10 classes x 129).
+  assert 'at least K*(D+1) = 1290' in result['skipped']['intra_fd_classifier']
   # The same numbers without the mesh: 60 per batch (padded to 64 on 8 devices), 30 in the last.
   net, reference = classifier.load_feature_net(classifier_file[0])
   rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
@@ -251,6 +303,21 @@ def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
   # Rounding may flip the argmax of one near-tie sample of 150 (and 1e-9 absorbs the float sum).
   assert result['scores']['class_accuracy'] == pytest.approx(
       np.mean(logits.argmax(1) == np.concatenate(labels)), abs=1 / 150 + 1e-9)
+  # The per-class table: the same labels (drawn on device from the same keys), so the same counts;
+  # accuracies up to that one flip; the held-out ceilings of the classifier file.
+  labels, rows = np.concatenate(labels), result['per_class']
+  assert [r['class'] for r in rows] == list(range(10)) and rows[6]['name'] == 'Shirt'
+  assert [r['samples'] for r in rows] == np.bincount(labels, minlength=10).tolist()
+  for row in rows:
+    mine = labels == row['class']
+    assert row['accuracy'] == pytest.approx(np.mean(logits[mine].argmax(1) == row['class']),
+                                            abs=1 / mine.sum() + 1e-12)
+  assert [r['heldout_accuracy'] for r in rows] == classifier_file[1]['heldout_per_class_accuracy']
+  worst = result['details']['class_accuracy']['worst']
+  assert result['scores']['worst_class_accuracy'] == worst['accuracy'] == min(
+      r['accuracy'] for r in rows)
+  assert 'per class:' in stdout and f"worst class {worst['class']} {worst['name']}: " in stdout
+  assert 'intra_fd_classifier: skipped (class ' in stdout
   events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert events
   with open(os.path.join(workdir, events[0]), 'rb') as f:
@@ -475,11 +542,14 @@ def test_evaluation_during_training_logs_scores_and_keeps_the_best(
   # The evaluator's numbers are tested above; here it is replaced by one that records its input.
   calls = []
 
-  def fake_evaluator(g_params, g_state):
+  def fake_evaluator(self, g_params, g_state):
     calls.append(g_params)
+    # Class 0 ('Top'): one of two samples right, the other taken for 'Shirt'; class 1: right.
+    self.details = {'class_accuracy': per_class.class_accuracy_table(
+        np.array([0, 1, 1]), np.array([0, 0, 1]), 2, ['Top', 'Shirt'], [0.9, 0.6])}
     return {'class_accuracy': 0.25 * len(calls)}
 
-  monkeypatch.setattr(evaluator.Evaluator, '__call__', lambda self, p, s: fake_evaluator(p, s))
+  monkeypatch.setattr(evaluator.Evaluator, '__call__', fake_evaluator)
   train_config.eval.every_steps = 5
   train_config.eval.best_metric = 'class_accuracy'
   evaluate_fn = train_loop._create_periodic_evaluation(train_config, tmp_path, generator, mesh,
@@ -487,8 +557,14 @@ def test_evaluation_during_training_logs_scores_and_keeps_the_best(
   with caplog.at_level(logging.INFO):
     scores = evaluate_fn(7, state)
   assert scores == {'class_accuracy': 0.25} and calls[0] is state.ema_g_params
-  assert Writer.scalars[7] == {'eval/class_accuracy': 0.25}
+  assert Writer.scalars[7] == {'eval/class_accuracy': 0.25, 'eval/class_accuracy/0_Top': 0.5,
+                               'eval/class_accuracy/1_Shirt': 1.0}
   assert 'eval at step 7 (130 samples' in caplog.text
+  assert 'worst class 0 Top: 0.50 (held-out 0.90), taken for Shirt 50%' in caplog.text
+  with open(tmp_path / 'eval' / 'train_step_0000007.json') as f:
+    written = json.load(f)
+  assert written['step'] == 7 and written['scores'] == {'class_accuracy': 0.25}
+  assert written['details']['class_accuracy']['worst']['taken_for_name'] == 'Shirt'
   evaluate_fn(8, state.replace(step=jnp.asarray(8, jnp.int32)))
   assert checkpointing.load_best_generator(tmp_path)[4:] == (
       8, {'step': 8, 'metric': 'class_accuracy', 'value': 0.5, 'scores': {'class_accuracy': 0.5}})

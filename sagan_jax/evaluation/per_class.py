@@ -91,21 +91,21 @@ def class_accuracy_table(predicted, labels, num_classes: int,
 def intra_fd_skip_reason(fake: ClassStatistics, real: metrics.ClassReference,
                          dim: int) -> Optional[str]:
   """Why the intra-class FD cannot be computed (a class with no more samples or real images than
-  feature dimensions: singular covariances), or None."""
-  num_classes = len(real.count)
-  low = int(np.argmin(real.count))
-  if real.count[low] <= dim:
-    return (f'the classifier file holds {real.count[low]} real images of class {low}, not more '
-            f'than the {dim} feature dimensions: retrain the classifier with more reference '
-            'images (--num_reference_images) or leave intra_fd_classifier out')
+  feature dimensions: singular covariances), naming the fixes, or None."""
+  num_classes, reasons = len(real.count), []
   counts = [fake.count(c) for c in range(num_classes)]
   low = int(np.argmin(counts))
   if counts[low] <= dim:
     need = num_classes * (dim + 1)
-    return (f'class {low} has {counts[low]} samples, and {dim}-d features need more than {dim} '
-            f'in every class: set --num_samples (eval.num_samples) at least K*(D+1) = {need} '
-            f'(labels are drawn at random: better {2 * need})')
-  return None
+    reasons.append(f'class {low} has {counts[low]} samples, and {dim}-d features need more than '
+                   f'{dim} in every class: set --num_samples (eval.num_samples) at least '
+                   f'K*(D+1) = {need} (labels are drawn at random: better {2 * need})')
+  low = int(np.argmin(real.count))
+  if real.count[low] <= dim:
+    reasons.append(f'the classifier file holds {real.count[low]} real images of class {low}, not '
+                   f'more than {dim}: retrain the classifier with more reference images '
+                   '(--num_reference_images) or leave intra_fd_classifier out')
+  return '; '.join(reasons) or None
 
 
 def intra_fd_table(fake: ClassStatistics, real: metrics.ClassReference,
