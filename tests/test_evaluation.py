@@ -5,6 +5,7 @@ A tiny generator (ch 8, 32 px, no attention), a data set of squares whose size a
 give the class, and the FID Inception with seeded weights on one image.
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -241,6 +242,45 @@ def test_an_old_classifier_file_without_the_per_class_figures_still_loads(
   assert 'retraining the classifier' in results.details['class_accuracy']['heldout_missing']
   assert 'retrain the classifier' in results.skipped['intra_fd_classifier']
   assert new_net.description['heldout_per_class_accuracy'] is not None
+
+
+def test_a_metric_skipped_at_each_evaluation_is_logged_once_and_class_statistics_kept_for_it(
+    config, mesh, classifier_file, tmp_path, caplog, monkeypatch):
+  labels = np.arange(20) % 10
+  requests = []
+
+  def sample_features(sample_fn, g_params, g_state, num_samples, batch_size, rng, keep,
+                      keep_logits, by_class):
+    """Hand-made outputs instead of sampling (the sampling is tested above)."""
+    del sample_fn, g_params, g_state, num_samples, batch_size, rng  # Unused.
+    requests.append(set(by_class))
+    fake = features.FeatureSet(keep, keep_logits['classifier'], 'classifier' in by_class)
+    fake.update({'features': np.random.default_rng(0).standard_normal((20, 128)),
+                 'logits': np.eye(10)[labels]}, labels)
+    return {'classifier': fake}, labels
+
+  monkeypatch.setattr(features, 'sample_features', sample_features)
+  settings = evaluator.Settings(metrics=('class_accuracy', 'intra_fd_classifier'), num_samples=20,
+                                classifier_path=classifier_file[0])
+  generator = models.create_generator(config)
+  scorer = evaluator.create_evaluator(config, generator, mesh, settings)
+  with caplog.at_level(logging.INFO):
+    for _ in range(3):
+      assert scorer(None, None) == {'class_accuracy': 1.0, 'worst_class_accuracy': 1.0}
+  skip_lines = [r for r in caplog.records if 'intra_fd_classifier skipped' in r.getMessage()]
+  assert len(skip_lines) == 1 and skip_lines[0].levelno == logging.INFO
+  assert 'K*(D+1) = 1290' in scorer.skipped['intra_fd_classifier']
+  assert requests == [{'classifier'}] * 3
+  assert scorer.details['class_accuracy']['worst']['class'] == 0
+  # A classifier file without per-class statistics: skipped before sampling, none kept.
+  old = str(tmp_path / 'old.npz')
+  with np.load(classifier_file[0]) as npz:
+    np.savez(old, **{k: npz[k] for k in npz.files if not k.startswith('reference/class_')})
+  scorer = evaluator.create_evaluator(config, generator, mesh,
+                                      dataclasses.replace(settings, classifier_path=old))
+  assert 'retrain the classifier' in scorer.skipped['intra_fd_classifier']
+  scorer(None, None)
+  assert requests[-1] == set() and 'intra_fd_classifier' not in scorer.details
 
 
 def test_fd_classifier_of_real_images_against_their_reference_is_about_zero(classifier_file):
