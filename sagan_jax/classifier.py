@@ -208,13 +208,13 @@ def train_classifier(fv: flags.FlagValues) -> int:
         f"{metadata['train_split']} images in {metadata['seconds']} s; accuracy on held-out "
         + (f"{metadata['heldout_split']} images: {heldout:.4f}" if heldout is not None else
            'images: not measured (no held-out split)'))
-  if heldout is not None:
+  if heldout is not None and any(a is not None for a in metadata['heldout_per_class_accuracy']):
     print(f'  {_lowest_class(metadata)}')
   return 0
 
 
 def _lowest_class(metadata: Dict[str, Any]) -> str:
-  """'lowest class: 6 Shirt 0.6230 (1000 images)': the held-out class of lowest accuracy."""
+  """'lowest held-out accuracy of a class: 6 Shirt 0.6230 (1000 images)'."""
   per_class = metadata['heldout_per_class_accuracy']
   measured = [c for c, a in enumerate(per_class) if a is not None]
   low = min(measured, key=lambda c: per_class[c])

@@ -157,6 +157,11 @@ def test_intra_fd_is_skipped_with_the_fix_when_a_class_has_too_few_samples_or_no
   reason = evaluator.compute_scores(['intra_fd_classifier'], {'classifier': fake}, labels,
                                     {'classifier': old})[1]['intra_fd_classifier']
   assert 'no per-class statistics' in reason and 'retrain the classifier' in reason
+  # ImageNet's 1000 classes: none are written, and retraining would not help (no error either).
+  results = evaluator.evaluate_metrics(['intra_fd_classifier'], {'classifier': fake}, labels,
+                                       {'classifier': old}, {'classifier': {'num_classes': 1000}})
+  assert results.skipped['intra_fd_classifier'] == (
+      '1000 classes: per-class statistics of real images are kept for at most 100 (their size)')
 
 
 def test_class_reference_arrays_have_zeros_for_a_class_without_images():

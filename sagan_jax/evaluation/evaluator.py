@@ -58,17 +58,20 @@ def check_reference(reference: metrics.Reference, source: str, feature_dim: int,
                       f'{resolution} px ({REFERENCE_HINT} --config.data.resolution={resolution})')
 
 
-def _missing_input(metric: registry.Metric,
-                   reference: Optional[metrics.Reference]) -> Optional[str]:
-  """Why `reference` lacks what `metric` reads (real features, per-class statistics), or None."""
+def _missing_input(metric: registry.Metric, reference: Optional[metrics.Reference],
+                   network_info: Dict[str, Any]) -> Optional[str]:
+  """Why `reference` lacks what `metric` reads (real features, per-class statistics), or None;
+  `network_info`: the network's description."""
   if registry.Input.REAL_FEATURES in metric.needs and (
       reference is None or reference.features is None or len(reference.features) < 2):
     return 'the reference file holds no real features (write it with sagan_jax.reference_stats)'
   if registry.Input.CLASS_REFERENCE in metric.needs and (
       reference is None or reference.classes is None):
-    return (f'the {metric.network} file holds no per-class statistics of real images (written '
-            f'for at most {classifier.MAX_CLASS_REFERENCE} classes): retrain the classifier '
-            f'({classifier.TRAIN_HINT}) to add them')
+    if network_info.get('num_classes', 0) > classifier.MAX_CLASS_REFERENCE:
+      return (f"{network_info['num_classes']} classes: per-class statistics of real images are "
+              f'kept for at most {classifier.MAX_CLASS_REFERENCE} (their size)')
+    return (f'the {metric.network} file holds no per-class statistics of real images (it '
+            f'predates them): retrain the classifier ({classifier.TRAIN_HINT}) to add them')
   return None
 
 
@@ -95,12 +98,12 @@ def evaluate_metrics(metric_names: Sequence[str], sets: Dict[str, features.Featu
   for name in metric_names:
     metric = registry.get(name)
     reference = references.get(metric.network)
-    reason = _missing_input(metric, reference)
+    info = (network_info or {}).get(metric.network, {})
+    reason = _missing_input(metric, reference, info)
     if reason:
       results.skipped[name] = reason
       continue
-    inputs = registry.Inputs(sets.get(metric.network), reference, labels,
-                             (network_info or {}).get(metric.network, {}))
+    inputs = registry.Inputs(sets.get(metric.network), reference, labels, info)
     try:
       values = metric.compute(inputs)
     except registry.Skip as e:
@@ -310,7 +313,7 @@ def create_evaluator(config, generator, mesh, settings: Settings,
     # Known before sampling: no per-class statistics of the samples are kept for nothing.
     for metric in wanted:
       if registry.Input.CLASS_REFERENCE in metric.needs and loaded.reference is not None:
-        reason = _missing_input(metric, loaded.reference)
+        reason = _missing_input(metric, loaded.reference, loaded.net.description)
         if reason:
           logging.info('%s skipped: %s', metric.name, reason)
           skipped[metric.name] = reason
