@@ -311,8 +311,9 @@ def check_best_metric(metric: str) -> None:
 class BestCheckpoint:
   """Keeps WORKDIR/best: G of the evaluated step with the best `metric` score so far.
 
-  'fid', 'kid' and 'fd_classifier' are better lower; 'is', 'precision', 'recall' and
-  'class_accuracy' higher (the registry says so for every score). A kept checkpoint chosen by
+  'fid', 'kid', 'fd_classifier' and 'intra_fd_classifier' are better lower; 'is', 'precision',
+  'recall', 'class_accuracy' and 'worst_class_accuracy' higher (the registry says so for every
+  score). A kept checkpoint chosen by
   another metric is replaced by the next evaluation. With several processes, process 0's decision
   holds for all.
   """
