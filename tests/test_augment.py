@@ -1,4 +1,4 @@
-"""DiffAugment (sagan_jax.augment): what each op does, gradients, sharding, the config and a step."""
+"""DiffAugment (sagan_jax.augment): the ops, gradients, sharding, the config and a train step."""
 
 import jax
 import jax.numpy as jnp
