@@ -48,6 +48,7 @@ RANGES = {
     'data.num_classes': (COUNT, 'the number of class labels'),
     'data.shuffle_buffer': (COUNT, '10000'),
     'data.prefetch': (OFF_OR_COUNT, '2 (0: no prefetch thread)'),
+    'data.max_examples': (OFF_OR_COUNT, '0 (all of the split) or 5000'),
     'model.ch': (Range(8), '64 (a multiple of 8)'),
     'model.z_dim': (COUNT, '128'),
     'model.attention_block_size': (COUNT, '512'),
@@ -102,6 +103,7 @@ def _check_ranges(config) -> None:
 
 def _check_choices(config) -> None:
   # pylint: disable=g-import-not-at-top  (the tools' --help and input_pipeline need only the names)
+  from sagan_jax import augment
   from sagan_jax import checkpointing
   from sagan_jax import evaluation
   from sagan_jax import losses
@@ -120,6 +122,7 @@ def _check_choices(config) -> None:
   models.check_model_config(config.model, data.resolution)
   losses.get_adversarial_loss(config.train.loss)
   train.check_on_nonfinite(config.train.on_nonfinite)
+  augment.parse_policy(config.train.get('augment', ''))
   batch, accum = config.train.batch_size, config.train.grad_accum_steps
   if batch % accum:
     raise ConfigError(f'train.batch_size={batch} does not split into train.grad_accum_steps='

@@ -6,9 +6,10 @@
 
 `create_source` gives one process's share of a split as records with positions (the input
 pipeline's module doc says how positions make the stream resumable); `check_source` says, naming
-the fix, when the configured data cannot be read; `class_names` what the labels mean. A new data
-set is a source here plus its name in config_check.DATA_SOURCES; sagan_jax.input_pipeline decodes,
-resizes and batches every source alike.
+the fix, when the configured data cannot be read; `class_names` what the labels mean.
+`max_examples` (data.max_examples, for the training stream) keeps a fixed subset of the split, the
+same on every epoch. A new data set is a source here plus its name in config_check.DATA_SOURCES;
+sagan_jax.input_pipeline decodes, resizes and batches every source alike.
 """
 
 import functools
@@ -157,6 +158,42 @@ def _split_ranges(builder, split: str, share=None):
   return ranges
 
 
+def _absolute_range(builder, split: str, share=None) -> Tuple[str, int, int]:
+  """(split name, first record, end) of `split` (or of `share` of it)."""
+  ranges = _split_ranges(builder, split, share)
+  name, start, end = ranges[0].splitname, ranges[0].from_ or 0, ranges[0].to
+  return name, start, builder.info.splits[name].num_examples if end is None else end
+
+
+def split_size(data_config) -> int:
+  """The number of examples in the configured split (all processes)."""
+  if data_config.name == 'fashion_mnist':
+    return len(_read_idx(_fashion_mnist_paths(data_config.fashion_mnist_dir,
+                                              data_config.split)[1]))
+  if data_config.name == 'folder':
+    return len(list_image_folder(data_config.folder_dir, data_config.split)[0])
+  builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
+  _, start, end = _absolute_range(builder, data_config.split)
+  return end - start
+
+
+def check_max_examples(max_examples: Optional[int], size: int, data_config) -> int:
+  """`max_examples` as an int (0: all); ConfigError when negative or beyond the split's `size`."""
+  max_examples = int(max_examples or 0)
+  if not 0 <= max_examples <= size:
+    raise ConfigError(f'data.max_examples={max_examples} but the {data_config.name} split '
+                      f"'{data_config.split}' holds {size} examples: set --config.data."
+                      f'max_examples to at most {size}, or 0 for all of them')
+  return max_examples
+
+
+def subset_indices(size: int, max_examples: int) -> np.ndarray:
+  """The examples of an indexed split that data.max_examples keeps: the first `max_examples` of a
+  fixed permutation (seed 0, whatever the run's seed: every run trains on the same subset;
+  classes mixed even where the split is sorted by class, as image folders are)."""
+  return np.random.default_rng(0).permutation(size)[:max_examples]
+
+
 def _check_num_classes(num_classes: int, data_config) -> None:
   if num_classes > data_config.num_classes:
     raise ConfigError(f'{data_config.name} has {num_classes} classes but data.num_classes is '
@@ -176,6 +213,8 @@ def check_source(data_config) -> None:
     _check_num_classes(len(classes), data_config)
   else:
     _check_tfds(data_config)
+  if data_config.get('max_examples'):
+    check_max_examples(data_config.max_examples, split_size(data_config), data_config)
 
 
 def class_names(data_config) -> Optional[List[str]]:
@@ -248,13 +287,16 @@ class TfdsSource:
   the epoch; nothing before it is read.
   """
 
-  def __init__(self, data_config, base_seed: int, process_index: int, process_count: int):
+  def __init__(self, data_config, base_seed: int, process_index: int, process_count: int,
+               max_examples: int = 0):
     builder = tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir)
-    share = tfds.split_for_jax_process(data_config.split, process_index=process_index,
+    split = data_config.split
+    if max_examples:  # The split's first max_examples records (in tfds's shuffled order).
+      name, start, _ = _absolute_range(builder, split)
+      split = f'{name}[{start}:{start + max_examples}]'
+    share = tfds.split_for_jax_process(split, process_index=process_index,
                                        process_count=process_count, drop_remainder=True)
-    ranges = _split_ranges(builder, data_config.split, share)
-    name, start, end = ranges[0].splitname, ranges[0].from_ or 0, ranges[0].to
-    end = builder.info.splits[name].num_examples if end is None else end
+    name, start, end = _absolute_range(builder, split, share)
     size = max(1, int(data_config.shuffle_buffer))
     self._name, self._features, self._base_seed = builder.name, builder.info.features, base_seed
     self.num_examples = end - start
@@ -305,21 +347,30 @@ class TfdsSource:
     return f'{self._name} record {pos}'
 
 
-def create_source(data_config, base_seed: int, process_index: int, process_count: int):
+def create_source(data_config, base_seed: int, process_index: int, process_count: int,
+                  max_examples: Optional[int] = None):
   """This process's share of the data, evenly split over processes (the remainder is dropped).
 
   Records come from `records(epoch, offset)` as a tf.data.Dataset with positions 'pos';
-  `num_examples` is the share's size.
+  `num_examples` is the share's size. `max_examples` (0 or None: all) keeps that many examples of
+  the split before it is shared out: tfds sets their first records, indexed sources
+  `subset_indices`. It is an argument, not read from `data_config`: only the training stream
+  takes a subset.
   """
   keep_tensorflow_off_gpus()
+  if max_examples:
+    max_examples = check_max_examples(max_examples, split_size(data_config), data_config)
   if data_config.name in TFDS_NAMES:
-    return TfdsSource(data_config, base_seed, process_index, process_count)
+    return TfdsSource(data_config, base_seed, process_index, process_count, max_examples or 0)
   if data_config.name == 'folder':
     paths, labels, _ = list_image_folder(data_config.folder_dir, data_config.split)
     fields = {'path': np.array(paths), 'label': np.array(labels, np.int32)}
   else:
     images, labels = load_fashion_mnist(data_config.fashion_mnist_dir, data_config.split)
     fields = {'image': images, 'label': labels}
+  if max_examples:
+    kept = subset_indices(len(fields['label']), max_examples)
+    fields = {k: v[kept] for k, v in fields.items()}
   # Strided: sorted folders are grouped by class, and every process should see every class.
   used = len(fields['label']) // process_count * process_count
   return IndexedSource({k: v[process_index:used:process_count] for k, v in fields.items()},

@@ -262,7 +262,8 @@ def create_train_iterator(config, seed: int, position: Optional[int] = None,
 
   Args:
     config: the full config (`data`, `train.batch_size` global, `train.d_steps`).
-    seed: seeds the data order and the flips; keep it fixed across resumes.
+    seed: seeds the data order and the flips; keep it fixed across resumes (and
+      data.max_examples: positions count the examples of the subset).
     position: `it.position` of an earlier iterator with the same config and seed, to continue
       exactly where it stood; None or 0 starts at the beginning.
     process_index: this process (default jax.process_index()).
@@ -282,12 +283,14 @@ def create_train_iterator(config, seed: int, position: Optional[int] = None,
   data_sources.check_source(data_config)
   local_batch = batch_size // process_count
   base_seed = data_sources.derive_seed(seed, process_index)
-  source = data_sources.create_source(data_config, base_seed, process_index, process_count)
+  source = data_sources.create_source(data_config, base_seed, process_index, process_count,
+                                      data_config.get('max_examples'))
   if source.num_examples < local_batch:
     raise ConfigError(
         f'{source.num_examples} {data_config.name} images per process ({process_count} '
-        f'processes) is fewer than one local batch of {local_batch}: add images or set '
-        f'--config.train.batch_size to at most {source.num_examples * process_count}')
+        f'processes) is fewer than one local batch of {local_batch}: add images (or raise '
+        f'--config.data.max_examples) or set --config.train.batch_size to at most '
+        f'{source.num_examples * process_count}')
   return TrainIterator(source, data_config, base_seed, local_batch * config.train.d_steps,
                        config.train.d_steps, int(position or 0))
 
@@ -356,7 +359,8 @@ def create_eval_iterator(data_config, batch_size: int, split: Optional[str] = No
   """
   # Full-size JPEG decoding: reference statistics resize real images the usual way (FID is
   # sensitive to how images are resized).
-  fields = {'random_flip': random_flip, 'jpeg_downscale': False,
+  # The whole split, whatever data.max_examples (the training stream's subset) says.
+  fields = {'random_flip': random_flip, 'jpeg_downscale': False, 'max_examples': 0,
             **({'split': split} if split is not None else {})}
   data_config = _with_fields(data_config, **fields)
   data_sources.check_source(data_config)

@@ -10,7 +10,8 @@ step's numbers do not depend on how it is sharded.
 Where new training ideas enter (`StepHooks`):
 - `augment(rng, images) -> images` transforms every image D sees: real and fake in the D steps,
   fake in the G step, inside the differentiated function, so G's gradient flows through it
-  (DiffAugment, ADA).
+  (DiffAugment, ADA). `train.augment` names a DiffAugment policy (sagan_jax.augment) that
+  `hooks_from_config` puts here.
 - `d_regularizers` / `g_regularizers`: extra loss terms `reg(inputs: LossInputs, rng) ->
   (scalar, metrics)` added to D's or G's loss (R1, consistency regularization, orthogonal
   regularization); their metrics join the step's.
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import optax
 
+from sagan_jax import augment as augment_lib
 from sagan_jax import latents
 from sagan_jax import losses
 from sagan_jax import models
@@ -332,11 +334,19 @@ def train_step(ctx: StepContext, state: GANTrainState, batch: Batch
   return state.replace(step=state.step + 1), metrics
 
 
+def hooks_from_config(config) -> StepHooks:
+  """The StepHooks a config asks for: `train.augment`'s DiffAugment policy ('' or unset: none)."""
+  return StepHooks(augment=augment_lib.create_augment(config.train.get('augment', '')))
+
+
 def create_step_context(config, generator: models.Generator,
                         discriminator: models.Discriminator, mesh: Optional[Mesh] = None,
                         phases: Sequence[str] = ('d', 'g'),
-                        hooks: StepHooks = StepHooks()) -> StepContext:
-  """The StepContext of a (checked, config_check.check_config) training config."""
+                        hooks: Optional[StepHooks] = None) -> StepContext:
+  """The StepContext of a (checked, config_check.check_config) training config.
+
+  `hooks` replace the config's own (`hooks_from_config`, used when None).
+  """
   train_config = config.train
   return StepContext(
       generator=generator, discriminator=discriminator,
@@ -345,12 +355,12 @@ def create_step_context(config, generator: models.Generator,
       ema_decay=train_config.ema_decay, ema_start_step=train_config.ema_start_step,
       lr_scale=lr_scale_fn(train_config),
       skip_nonfinite=check_on_nonfinite(train_config.on_nonfinite) == 'skip', mesh=mesh,
-      phases=tuple(phases), hooks=hooks)
+      phases=tuple(phases), hooks=hooks_from_config(config) if hooks is None else hooks)
 
 
 def create_train_step(config, generator: models.Generator, discriminator: models.Discriminator,
                       mesh: Optional[Mesh] = None, phases: Sequence[str] = ('d', 'g'),
-                      hooks: StepHooks = StepHooks()
+                      hooks: Optional[StepHooks] = None
                       ) -> Callable[[GANTrainState, Batch], Tuple[GANTrainState, Metrics]]:
   """`train_step` bound to the run's StepContext: `step(state, batch) -> (state, metrics)`.
 

@@ -409,3 +409,65 @@ def test_a_folder_of_only_corrupt_images_stops_with_a_config_error(tmp_path):
   iterator = input_pipeline.create_train_iterator(config, seed=0)
   with pytest.raises(ConfigError, match='no readable image in a whole epoch'):
     next(iterator)
+
+
+def _image_bytes(batches, count):
+  return [image.tobytes() for b in batches for image in b['image'][0]][:count]
+
+
+def test_max_examples_trains_on_one_fixed_subset_every_epoch_and_resumes(fake_fashion_mnist_dir):
+  config = tiny_config(fake_fashion_mnist_dir)
+  config.data.max_examples, config.data.random_flip = 20, False
+  iterator = input_pipeline.create_train_iterator(config, seed=0)
+  assert iterator.epoch_size == 20
+  batches = _take(iterator, 5)  # 40 examples: two epochs of the 20.
+  images, labels = data_sources.load_fashion_mnist(fake_fashion_mnist_dir)
+  kept = data_sources.subset_indices(64, 20)
+  padded = np.pad(images[kept], [(0, 0), (2, 2), (2, 2), (0, 0)]).astype(np.float32)
+  expected = {image.tobytes() for image in padded / np.float32(127.5) - 1}
+  seen = _image_bytes(batches, 40)
+  assert set(seen[:20]) == expected and set(seen[20:]) == expected and seen[:20] != seen[20:]
+  assert len(set(labels[kept])) > 5  # Classes mixed.
+  other_seed = _image_bytes(_take(input_pipeline.create_train_iterator(config, seed=1), 3), 20)
+  assert set(other_seed) == expected  # The subset does not depend on the run's seed.
+  resumed = input_pipeline.create_train_iterator(config, seed=0, position=16)
+  _assert_same_batches(batches[2:], _take(resumed, 3))
+  shares = [_image_bytes(_take(input_pipeline.create_train_iterator(
+      config, seed=0, process_index=i, process_count=2), 5), 10) for i in range(2)]
+  assert set(shares[0]) | set(shares[1]) == expected and not set(shares[0]) & set(shares[1])
+  # Reference statistics and the classifier read the whole split.
+  assert input_pipeline.create_eval_iterator(config.data, 8).dataset_size == 64
+
+
+def test_max_examples_beyond_the_split_names_the_fix(fake_fashion_mnist_dir):
+  config = tiny_config(fake_fashion_mnist_dir)
+  config.data.max_examples = 65
+  message = ("data.max_examples=65 but the fashion_mnist split 'train' holds 64 examples: set "
+             '--config.data.max_examples to at most 64')
+  with pytest.raises(ConfigError, match=message):
+    input_pipeline.check_source(config.data)
+  with pytest.raises(ConfigError, match=message):
+    input_pipeline.create_train_iterator(config, seed=0)
+  config.data.max_examples = 4  # Fewer than one batch of 8.
+  with pytest.raises(ConfigError, match='fewer than one local batch.*data.max_examples'):
+    input_pipeline.create_train_iterator(config, seed=0)
+
+
+def test_max_examples_of_a_tfds_split_are_its_first_records(tfds_data_dir):
+  data_dir, examples = tfds_data_dir
+  config = _tfds_config('cifar10', data_dir, resolution=32, batch_size=5)
+  config.data.max_examples = 5
+  input_pipeline.check_source(config.data)
+  scaled = [(ex['image'].astype(np.float32) / np.float32(127.5) - 1).tobytes()
+            for ex in examples['cifar10']]
+  expected = set(scaled[:5])
+  iterator = input_pipeline.create_train_iterator(config, seed=0)
+  assert iterator.epoch_size == 5
+  assert [set(_image_bytes([batch], 5)) for batch in _take(iterator, 2)] == [expected] * 2
+  config.data.max_examples, config.train.batch_size = 6, 2  # Two processes share the first 6.
+  shares = [_image_bytes(_take(input_pipeline.create_train_iterator(
+      config, seed=0, process_index=i, process_count=2), 3), 3) for i in range(2)]
+  assert set(shares[0] + shares[1]) == set(scaled[:6]) and not set(shares[0]) & set(shares[1])
+  config.data.max_examples = TFDS_EXAMPLES + 1
+  with pytest.raises(ConfigError, match=f'holds {TFDS_EXAMPLES} examples'):
+    input_pipeline.check_source(config.data)
