@@ -13,6 +13,7 @@ DEMO_WORKDIR ?= runs/fashion_mnist
 # A venv with the pinned requirements, the test tools and this package (editable). jax 0.10.2
 # needs Python 3.11 or newer: `make PYTHON=python3.12 ...` picks another interpreter.
 $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
+	@echo "== set-up: $(VENV) with the pinned packages (a few minutes the first time, then nothing)"
 	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "error: sagan_jax needs Python 3.11 or newer; PYTHON=$(PYTHON) is missing or older." \
 	    "Install it (Debian/Ubuntu: apt-get install python3.11 python3.11-venv) and run" \
@@ -51,16 +52,10 @@ test: setup $(LIBTPU_STAMP)
 fashion-mnist:
 	@FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) bash launch/get_fashion_mnist.sh
 
-# The classifier (trained on Fashion-MNIST's test split, once) scores samples during training and
-# at the end: fd_classifier and class_accuracy, in $(DEMO_WORKDIR)/eval/.
+# The stages (data, classifier, training, evaluation) with a header, progress and a summary:
+# sagan_jax/demo.py. The classifier is trained once into $(DEMO_WORKDIR)/classifier.npz.
 demo: setup fashion-mnist
-	@test -f $(DEMO_WORKDIR)/classifier.npz || $(PY) -m sagan_jax.classifier \
-	  --config=configs/fashion_mnist.py --config.data.fashion_mnist_dir=$(FASHION_MNIST_DIR) \
-	  --out=$(DEMO_WORKDIR)/classifier.npz
-	$(PY) -m sagan_jax.main --config=configs/fashion_mnist.py --workdir=$(DEMO_WORKDIR) \
-	  --config.data.fashion_mnist_dir=$(FASHION_MNIST_DIR)
-	$(PY) -m sagan_jax.evaluate --workdir=$(DEMO_WORKDIR) --num_samples=10000
-	@echo "Samples: $(DEMO_WORKDIR)/samples/ (one row per class); TensorBoard: tensorboard --logdir=$(DEMO_WORKDIR)"
+	$(PY) -m sagan_jax.demo --workdir=$(DEMO_WORKDIR) --fashion_mnist_dir=$(FASHION_MNIST_DIR)
 
 # flake8 with setup.cfg's settings (tests/test_style.py runs it too).
 lint: setup

@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_impl = 'fused'
   model.attention_block_size = 512  # Keys per block of 'blockwise' attention.
   model.bn_momentum = 0.9  # Decay of BN moving statistics (BigGAN-PyTorch's momentum 0.1).
+  # D(x, y) = psi(h) + projection_scale * <embed(y), h>: how strongly D's score depends on the
+  # class (1: the paper's projection discriminator; above 1, a stronger label signal).
+  model.projection_scale = 1.0
   # Computation dtype of convolutions, matmuls and attention: 'float32' or 'bfloat16' (mixed
   # precision: parameters, optimizer states, spectral norm, BN statistics, softmax and losses
   # stay float32; G's images and D's logits come out float32).

@@ -54,15 +54,18 @@ if __name__ == '__main__':
   cli.exit_if_help(__doc__, define_flags, takes_config=True)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import collections
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from sagan_jax import config_check
+from sagan_jax import progress
 from sagan_jax import sharding
 from sagan_jax.evaluation import classifier as classifier_net
 from sagan_jax.evaluation import features
@@ -72,23 +75,29 @@ HELDOUT_SPLITS = {'fashion_mnist': 'train', 'imagenet2012': 'validation', 'cifar
 
 
 def create_train_step(model: classifier_net.Classifier, tx: optax.GradientTransformation):
-  """A compiled Adam step on a batch with dropout; returns (params, opt_state)."""
+  """A compiled Adam step on a batch with dropout; returns (params, opt_state, hits): hits, the
+  batch's images the model (in training mode) classified right before the update."""
 
   @jax.jit
   def step(params, opt_state, images, labels, rng):
     def loss_fn(p):
       logits = model.apply({'params': p}, images, train=True, rngs={'dropout': rng})['logits']
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, jnp.sum(jnp.argmax(logits, axis=-1) == labels)
 
-    updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    grads, hits = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, hits
 
   return step
 
 
 def train(model: classifier_net.Classifier, batches, num_steps: int, seed: int,
           learning_rate: float = 1e-3):
-  """Trains on `num_steps` batches ({'image', 'label'}) with Adam, the rate decaying to 0."""
+  """Trains on `num_steps` batches ({'image', 'label'}) with Adam, the rate decaying to 0.
+
+  Progress lines (sagan_jax.progress) show the training accuracy of the last 100 steps.
+  """
   sample = next(batches)
   # Compiled: op by op, the initialization costs more than the training steps of a small run.
   params = jax.jit(model.init)(jax.random.PRNGKey(seed), sample['image'][:1])['params']
@@ -96,10 +105,15 @@ def train(model: classifier_net.Classifier, batches, num_steps: int, seed: int,
   opt_state = tx.init(params)
   step = create_train_step(model, tx)
   rng = jax.random.PRNGKey(seed + 1)
-  for index in range(num_steps):
-    batch = sample if index == 0 else next(batches)
-    params, opt_state = step(params, opt_state, batch['image'], batch['label'],
-                             jax.random.fold_in(rng, index))
+  recent = collections.deque(maxlen=100)  # (hits on device, batch size) of the last steps.
+  accuracy_text = lambda: f'{sum(float(h) for h, _ in recent) / sum(n for _, n in recent):.3f}'
+  with progress.Progress('classifier training', num_steps, 'steps') as bar:
+    for index in range(num_steps):
+      batch = sample if index == 0 else next(batches)
+      params, opt_state, hits = step(params, opt_state, batch['image'], batch['label'],
+                                     jax.random.fold_in(rng, index))
+      recent.append((hits, len(batch['label'])))
+      bar.update(training_accuracy=accuracy_text)
   return params
 
 

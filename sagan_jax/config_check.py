@@ -53,6 +53,7 @@ RANGES = {
     'model.z_dim': (COUNT, '128'),
     'model.attention_block_size': (COUNT, '512'),
     'model.bn_momentum': (FRACTION, '0.9'),
+    'model.projection_scale': (POSITIVE, '1.0'),
     'train.batch_size': (COUNT, '256 (global, a multiple of the device count)'),
     'train.num_steps': (COUNT, '1000000'),
     'train.d_steps': (COUNT, '1'),

@@ -75,7 +75,7 @@ def run(workdir: str, step: Optional[int] = None, use_ema: bool = True, best: bo
                'EMA' if use_ema else 'raw', settings.num_samples, ', '.join(
                    evaluator.metric_names))
   start = time.perf_counter()
-  scores = evaluator(params, g_state)
+  scores = evaluator(params, g_state, show_progress=True)
   result = {'step': step, 'workdir': str(workdir),
             'checkpoint': 'best' if best else 'checkpoints', 'best': best_metadata,
             'generator': 'ema' if use_ema else 'raw', 'num_samples': settings.num_samples,

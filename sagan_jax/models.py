@@ -214,6 +214,7 @@ class Discriminator(nn.Module):
   attention_impl: str = 'fused'
   attention_block_size: int = attention_lib.DEFAULT_BLOCK_SIZE
   dtype: jnp.dtype = jnp.float32
+  projection_scale: float = 1.0  # Weight of the class projection term (1: the paper's D).
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array, update_sn: bool) -> jax.Array:
@@ -232,7 +233,7 @@ class Discriminator(nn.Module):
     out = layers.SNDense(1, kernel_init=kernel_init, name='linear')(h, update_sn)[:, 0]
     embedding = layers.SNEmbed(self.num_classes, h.shape[-1], kernel_init, name='embed')(
         labels, update_sn)
-    return out + jnp.sum(embedding * h, axis=-1)
+    return out + self.projection_scale * jnp.sum(embedding * h, axis=-1)
 
 
 def _common_fields(config):
@@ -252,5 +253,6 @@ def create_generator(config) -> Generator:
 def create_models(config) -> Tuple[Generator, Discriminator]:
   """Builds G and D from `config.model` and `config.data` (validated first)."""
   discriminator = Discriminator(attention=tuple(config.model.d_attention),
+                                projection_scale=config.model.get('projection_scale', 1.0),
                                 **_common_fields(config))
   return create_generator(config), discriminator

@@ -255,7 +255,9 @@ class Evaluator:
     """The requested metrics that read `needed`."""
     return [m for m in map(registry.get, self.metric_names) if needed in m.needs]
 
-  def __call__(self, g_params, g_state) -> Dict[str, float]:
+  def __call__(self, g_params, g_state, show_progress: bool = False) -> Dict[str, float]:
+    """The scores of G's `g_params` and `g_state`; `show_progress`: progress lines of sampling
+    (the evaluate tool; training's evaluations are short and log their scores only)."""
     settings = self.settings
     rng = jax.random.PRNGKey(settings.seed)
     if self._standing_fn is not None:
@@ -267,7 +269,8 @@ class Evaluator:
     sets, labels = features.sample_features(
         self._sample_fn, g_params, g_state, settings.num_samples, settings.batch_size,
         jax.random.fold_in(rng, 0), keep, {net.name: net.name in with_logits for net in self.nets},
-        {m.network for m in self._needed(registry.Input.FAKE_CLASS_STATISTICS)})
+        {m.network for m in self._needed(registry.Input.FAKE_CLASS_STATISTICS)},
+        show_progress)
     results = evaluate_metrics(self.metric_names, sets, labels, self.references,
                                {net.name: net.description for net in self.nets})
     for name, reason in results.skipped.items():

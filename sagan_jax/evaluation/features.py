@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sagan_jax import latents
+from sagan_jax import progress
 from sagan_jax import sharding
 from sagan_jax.evaluation import inception
 from sagan_jax.evaluation import metrics
@@ -150,12 +151,17 @@ def feature_sets(features_fn: Callable[[np.ndarray], Outputs],
                  by_class: bool = False) -> Dict[str, FeatureSet]:
   """FeatureSets (by network, without logits) of `batches`' images ({'image': [b, H, W, C]},
   with 'label' [b] when `by_class`): real images, for reference statistics; `features_fn` is one
-  of create_features_fn."""
+  of create_features_fn. Progress lines when `batches` says how many images it holds
+  (`num_examples`, as input_pipeline's eval iterators do)."""
   sets = {}
-  for batch in batches:
-    for name, out in features_fn(batch['image']).items():
-      sets.setdefault(name, FeatureSet(keep, False, by_class)).update(
-          out, batch['label'] if by_class else None)
+  total = getattr(batches, 'num_examples', None)
+  with progress.Progress('features of real images', total or 0, 'images',
+                         enabled=None if total else False) as bar:
+    for batch in batches:
+      for name, out in features_fn(batch['image']).items():
+        sets.setdefault(name, FeatureSet(keep, False, by_class)).update(
+            out, batch['label'] if by_class else None)
+      bar.update(len(batch['image']))
   return sets
 
 
@@ -173,11 +179,12 @@ def batch_key(rng: jax.Array, index: int) -> np.ndarray:
 
 def sample_features(sample_fn, g_params, g_state, num_samples: int, batch_size: int,
                     rng: jax.Array, keep: int, keep_logits: Dict[str, bool],
-                    by_class: Iterable[str] = ()) -> Tuple[Dict[str, FeatureSet], np.ndarray]:
+                    by_class: Iterable[str] = (), show_progress: bool = False
+                    ) -> Tuple[Dict[str, FeatureSet], np.ndarray]:
   """Runs `sample_fn` until `num_samples` samples; returns FeatureSets by net and the labels.
 
   FeatureSets keep the first `keep` feature rows, all logits of the nets `keep_logits` says, and
-  per-class statistics of the nets named in `by_class`.
+  per-class statistics of the nets named in `by_class`; `show_progress`: progress lines.
   Batch i draws its z and labels from batch_key(rng, i). The next batch is dispatched before the
   current one is read, so the device does not wait for the host's statistics.
   """
@@ -187,14 +194,17 @@ def sample_features(sample_fn, g_params, g_state, num_samples: int, batch_size: 
   labels = []
   batches = list(batch_counts(num_samples, batch_size))
   pending = sample_fn(g_params, g_state, batch_key(rng, 0))
-  for index, count in batches:
-    current = pending
-    if index + 1 < len(batches):
-      pending = sample_fn(g_params, g_state, batch_key(rng, index + 1))
-    batch_labels, outputs = jax.device_get(current)
-    labels.append(batch_labels[:count])
-    for name, out in outputs.items():
-      sets[name].update({k: v[:count] for k, v in out.items()}, labels[-1])
+  with progress.Progress('samples and their features', num_samples, 'samples',
+                         enabled=None if show_progress else False) as bar:
+    for index, count in batches:
+      current = pending
+      if index + 1 < len(batches):
+        pending = sample_fn(g_params, g_state, batch_key(rng, index + 1))
+      batch_labels, outputs = jax.device_get(current)
+      labels.append(batch_labels[:count])
+      for name, out in outputs.items():
+        sets[name].update({k: v[:count] for k, v in out.items()}, labels[-1])
+      bar.update(count)
   return sets, np.concatenate(labels)
 
 
