@@ -143,12 +143,14 @@ def test_empty_policy_leaves_the_step_as_it_was():
 
 @pytest.fixture(scope='module')
 def augmented_step():
-  """One train step of the tiny config with the paper's policy, sharded over 8 devices."""
+  """One train step of the tiny config with the paper's policy (without attention, on one
+  device: a quicker compile; the ops' shard invariance has its own test above)."""
   config = tiny_config()
   config.train.augment = POLICY
+  config.model.g_attention = config.model.d_attention = ()
   config_check.check_config(config)
   generator, discriminator = models.create_models(config)
-  mesh = sharding.create_mesh()
+  mesh = sharding.create_mesh(jax.devices()[:1])
   step_fn = train.create_train_step(config, generator, discriminator, mesh)
   state = train_state.create_sharded_train_state(config, generator, discriminator,
                                                  jax.random.PRNGKey(0), mesh)
