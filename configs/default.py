@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   # D(x, y) = psi(h) + projection_scale * <embed(y), h>: how strongly D's score depends on the
   # class (1: the paper's projection discriminator; above 1, a stronger label signal).
   model.projection_scale = 1.0
+  # G's class conditioning: 0, a gamma and beta table per class in each conditional BN (the
+  # paper); N > 0, BigGAN's shared N-d class embedding with hierarchical z (z cut into one chunk
+  # per G block plus one: z_dim must divide evenly), mapped linearly to each BN's gamma and beta.
+  model.g_shared_embedding = 0
   # Computation dtype of convolutions, matmuls and attention: 'float32' or 'bfloat16' (mixed
   # precision: parameters, optimizer states, spectral norm, BN statistics, softmax and losses
   # stay float32; G's images and D's logits come out float32).

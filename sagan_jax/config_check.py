@@ -54,6 +54,7 @@ RANGES = {
     'model.attention_block_size': (COUNT, '512'),
     'model.bn_momentum': (FRACTION, '0.9'),
     'model.projection_scale': (POSITIVE, '1.0'),
+    'model.g_shared_embedding': (OFF_OR_COUNT, '0 (per-class tables) or 128'),
     'train.batch_size': (COUNT, '256 (global, a multiple of the device count)'),
     'train.num_steps': (COUNT, '1000000'),
     'train.d_steps': (COUNT, '1'),

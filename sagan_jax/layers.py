@@ -196,11 +196,14 @@ class ConditionalBatchNorm(nn.Module):
   """Batch norm with per-class gamma (init 1) and beta (init 0) tables (official `ops.py`).
 
   With `num_classes=None` it is a plain batch norm with learned gamma and beta (G's last BN).
+  With `linear=True` (BigGAN's shared embedding) `labels` is a conditioning vector [B, D] instead
+  and gamma = 1 + W_g c, beta = W_b c (both W zero at init, so gamma starts at 1 as the tables do).
   Batch moments (in float32) in training, moving averages at evaluation.
   """
   num_classes: Optional[int] = None
   momentum: float = 0.9
   epsilon: float = 1e-5
+  linear: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: Optional[jax.Array], use_running_average: bool
@@ -217,7 +220,12 @@ class ConditionalBatchNorm(nn.Module):
       if not self.is_initializing():
         mean_var.value = self.momentum * mean_var.value + (1 - self.momentum) * mean
         var_var.value = self.momentum * var_var.value + (1 - self.momentum) * var
-    if self.num_classes is None:
+    if self.linear:
+      cond = labels.astype(jnp.float32)
+      dense = lambda name: nn.Dense(channels, kernel_init=nn.initializers.zeros, name=name)
+      gamma = (1.0 + dense('gamma')(cond))[:, None, None, :]
+      beta = dense('beta')(cond)[:, None, None, :]
+    elif self.num_classes is None:
       gamma = self.param('gamma', nn.initializers.ones, (channels,), jnp.float32)
       beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32)
     else:

@@ -115,6 +115,11 @@ def check_model_config(model_config, resolution: int) -> None:
             f'to resolutions among {sorted(set(r for r in valid if r >= 2))} (or an empty tuple)')
   if model_config.ch % 8:
     raise ConfigError(f'model.ch={model_config.ch} must be a multiple of 8 (attention uses C/8)')
+  chunks = len(get_architecture(resolution).g_widths)  # One per G block + the input layer.
+  if model_config.get('g_shared_embedding', 0) and model_config.z_dim % chunks:
+    raise ConfigError(f'model.g_shared_embedding cuts z into {chunks} chunks at {resolution} px: '
+                      f'set --config.model.z_dim to a multiple of {chunks}, e.g. '
+                      f'{chunks * max(1, round(model_config.z_dim / chunks))}')
   _check_attention_impl(model_config, resolution)
 
 
@@ -126,11 +131,14 @@ class GBlock(nn.Module):
   bn_momentum: float
   dtype: jnp.dtype
 
+  shared: bool = False  # `labels` is a conditioning vector (Generator.shared_dim).
+
   @nn.compact
   def __call__(self, x, labels, train: bool):
     conv = lambda k, name: layers.SNConv(  # pylint: disable=g-long-lambda
         self.features, (k, k), kernel_init=self.kernel_init, dtype=self.dtype, name=name)
-    bn = lambda name: layers.ConditionalBatchNorm(self.num_classes, self.bn_momentum, name=name)
+    bn = lambda name: layers.ConditionalBatchNorm(  # pylint: disable=g-long-lambda
+        self.num_classes, self.bn_momentum, linear=self.shared, name=name)
     h = nn.relu(bn('bn1')(x, labels, use_running_average=not train))
     h = conv(3, 'conv1')(layers.upsample_2x(h), train)
     h = nn.relu(bn('bn2')(h, labels, use_running_average=not train))
@@ -182,18 +190,34 @@ class Generator(nn.Module):
   attention_block_size: int = attention_lib.DEFAULT_BLOCK_SIZE
   bn_momentum: float = 0.9
   dtype: jnp.dtype = jnp.float32
+  # 0: per-class gamma and beta tables in every conditional BN (the paper). N > 0: BigGAN's shared
+  # class embedding (N-d) and hierarchical z: z is cut into one chunk per block plus one for the
+  # input layer, and block i's BNs read [embedding(y), z chunk i + 1] through linear maps.
+  shared_dim: int = 0
+
+  def _conditioning(self, z: jax.Array, labels: jax.Array, num_blocks: int):
+    """(z for the input layer, each block's conditioning: the labels, or [embedding, z chunk])."""
+    if not self.shared_dim:
+      return z, [labels] * num_blocks
+    table = self.param('shared_embedding', nn.initializers.normal(1.0),
+                       (self.num_classes, self.shared_dim), jnp.float32)
+    embedding = (labels @ table if jnp.issubdtype(labels.dtype, jnp.floating)  # Blends.
+                 else jnp.take(table, labels, axis=0))
+    chunks = jnp.split(z, num_blocks + 1, axis=-1)
+    return chunks[0], [jnp.concatenate([embedding, c], axis=-1) for c in chunks[1:]]
 
   @nn.compact
   def __call__(self, z: jax.Array, labels: jax.Array, train: bool) -> jax.Array:
     """Returns images in [-1, 1], NHWC. `train` updates spectral vectors and BN statistics."""
     widths = [m * self.ch for m in get_architecture(self.resolution).g_widths]
     kernel_init = layers.create_kernel_init(self.weight_init)
+    z_in, conditioning = self._conditioning(z, labels, len(widths) - 1)
     h = layers.SNDense(4 * 4 * widths[0], kernel_init=kernel_init, dtype=self.dtype,
-                       name='linear')(z, train)
+                       name='linear')(z_in, train)
     h = h.reshape(z.shape[0], 4, 4, widths[0])
     for i, (width, res) in enumerate(zip(widths[1:], g_block_resolutions(self.resolution))):
       h = GBlock(width, self.num_classes, kernel_init, self.bn_momentum, self.dtype,
-                 name=f'block{i}')(h, labels, train)
+                 bool(self.shared_dim), name=f'block{i}')(h, conditioning[i], train)
       if res in self.attention:
         h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
                                  self.attention_block_size, name=f'attention{res}')(h, train)
@@ -247,7 +271,8 @@ def create_generator(config) -> Generator:
   """Builds G from `config.model` and `config.data` (validated first)."""
   check_model_config(config.model, config.data.resolution)
   return Generator(out_channels=config.data.channels, attention=tuple(config.model.g_attention),
-                   bn_momentum=config.model.bn_momentum, **_common_fields(config))
+                   bn_momentum=config.model.bn_momentum,
+                   shared_dim=config.model.get('g_shared_embedding', 0), **_common_fields(config))
 
 
 def create_models(config) -> Tuple[Generator, Discriminator]:

@@ -118,6 +118,7 @@ def test_parameter_counts_at_128px_ch64():
     ('attention_impl', 'flash', "unknown model.attention_impl 'flash'"),
     ('dtype', 'float16', "unknown model.dtype 'float16'"),
     ('attention_block_size', 0, 'model.attention_block_size=0 must be positive'),
+    ('g_shared_embedding', 16, 'cuts z into 5 chunks at 64 px: .* multiple of 5, e.g. 130'),
 ])
 def test_bad_model_settings_name_the_fix(field, value, message):
   config = small_config(64)
@@ -128,6 +129,31 @@ def test_bad_model_settings_name_the_fix(field, value, message):
   with pytest.raises(ConfigError, match=message) as error:
     models.create_models(config)
   assert '--config.' in str(error.value)
+
+
+def test_shared_embedding_conditions_every_block_on_the_class_and_a_z_chunk():
+  """BigGAN's conditioning (model.g_shared_embedding): the BN maps start at gamma 1, beta 0; once
+  they are not zero the class and each z chunk change the images; class blends (one-hot rows)
+  give what integer labels give."""
+  config = small_config(32)
+  config.model.g_shared_embedding = 16  # z (128) in 4 chunks of 32 at 32 px.
+  generator = models.create_generator(config)
+  z = jax.random.normal(jax.random.PRNGKey(0), (4, 128))
+  labels = jnp.array([0, 1, 2, 3])
+  variables = generator.init(jax.random.PRNGKey(1), z, labels, train=False)
+  bn = variables['params']['block1']['bn2']
+  assert bn['gamma']['kernel'].shape == (16 + 32, 32) and not np.any(bn['gamma']['kernel'])
+  assert variables['params']['linear']['kernel'].shape == (32, 4 * 4 * 32)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(  # Every BN map made non-zero.
+      lambda path, x: rng.normal(0, 0.1, x.shape).astype(np.float32)
+      if 'bn' in jax.tree_util.keystr(path) and x.ndim == 2 else x, variables['params'])
+  apply = lambda zz, yy: generator.apply({**variables, 'params': params}, zz, yy, train=False)
+  images = apply(z, labels)
+  np.testing.assert_allclose(apply(z, jax.nn.one_hot(labels, 5)), images, atol=1e-5)
+  assert np.abs(apply(z, jnp.array([4, 1, 2, 3])) - images)[0].max() > 1e-3
+  last_chunk = z.at[:, 96:].set(0.0)  # The last block's chunk alone changes.
+  assert np.abs(apply(last_chunk, labels) - images).max() > 1e-3
 
 
 def test_cudnn_attention_off_gpu_names_blockwise():
