@@ -250,9 +250,9 @@ def test_a_metric_skipped_at_each_evaluation_is_logged_once_and_class_statistics
   requests = []
 
   def sample_features(sample_fn, g_params, g_state, num_samples, batch_size, rng, keep,
-                      keep_logits, by_class):
+                      keep_logits, by_class, show_progress=False):
     """Hand-made outputs instead of sampling (the sampling is tested above)."""
-    del sample_fn, g_params, g_state, num_samples, batch_size, rng  # Unused.
+    del sample_fn, g_params, g_state, num_samples, batch_size, rng, show_progress  # Unused.
     requests.append(set(by_class))
     fake = features.FeatureSet(keep, keep_logits['classifier'], 'classifier' in by_class)
     fake.update({'features': np.random.default_rng(0).standard_normal((20, 128)),
