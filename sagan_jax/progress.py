@@ -11,7 +11,7 @@ through absl logging (the tools' short format, or the full one with --log_format
 process 0 only: on a TPU slice or a GPU cluster one line per interval, not one per host. The
 training loop has its own line (reporting.ProgressLogger); this one serves classifier training,
 sampling and feature extraction in evaluation and reference statistics. Times come from tqdm's
-formatter (a dependency of tensorflow-datasets, pinned in requirements.txt); where tqdm is
+formatter (installed with tensorflow-datasets, which requirements.txt pins); where tqdm is
 absent (the accelerator image has no TensorFlow stack) the ETA is printed in seconds.
 """
 
