@@ -92,13 +92,28 @@ def peak_memory_bytes() -> Optional[Tuple[int, Optional[int]]]:
   return max(peaks) if peaks else None
 
 
-def _time_phase(compiled, state, batch, steps: int, warmup: int):
-  for _ in range(warmup):
-    state, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  start = time.perf_counter()
+def _run(compiled, state, batch, steps: int):
+  """`steps` steps, each waiting for the one before the last as the training loop does.
+
+  Two steps in flight keep the device busy while the host dispatches. Unbounded (every step
+  queued at once) is not what training does, and on the CPU backend with several devices the
+  queued steps' collectives can starve one another until XLA aborts ("Termination timeout for
+  all to all").
+  """
+  metrics = previous = None
   for _ in range(steps):
     state, metrics = compiled(state, batch)
+    if previous is not None:
+      jax.block_until_ready(previous)
+    previous = metrics
+  return state, metrics
+
+
+def _time_phase(compiled, state, batch, steps: int, warmup: int):
+  state, _ = _run(compiled, state, batch, warmup)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  state, metrics = _run(compiled, state, batch, steps)
   jax.block_until_ready((state, metrics))
   return state, (time.perf_counter() - start) / steps
 

@@ -106,3 +106,26 @@ def test_input_only_times_the_training_iterator_and_resumes(tmp_path, fake_fashi
 def test_input_only_rejects_shares_outside_an_epoch():
   assert benchmark.main(['sagan_jax.benchmark', '--config=configs/fashion_mnist.py',
                          '--input_only', '--resume_at=1.5']) == 2
+
+
+def test_timed_steps_keep_at_most_two_in_flight(monkeypatch):
+  """Each dispatch waits for the step before the last (as the loop does), never queueing all."""
+  events = []
+
+  def compiled(state, batch):
+    del batch
+    events.append(('dispatch', state))
+    return state + 1, {'step': state}
+
+  monkeypatch.setattr(step_benchmark.jax, 'block_until_ready',
+                      lambda x: events.append(('wait', x)) or x)
+  state, seconds = step_benchmark._time_phase(compiled, 0, None, steps=5, warmup=2)
+  assert state == 7 and seconds >= 0
+  done = -1  # The newest step known finished.
+  for kind, value in events:
+    if kind == 'dispatch':
+      assert value - 2 <= done, f'step {value} dispatched before step {value - 2} finished'
+    elif isinstance(value, dict):
+      done = max(done, value['step'])
+    elif isinstance(value, int):  # The state after step value - 1.
+      done = max(done, value - 1)
