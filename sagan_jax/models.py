@@ -247,10 +247,14 @@ class Discriminator(nn.Module):
     kernel_init = layers.create_kernel_init(self.weight_init)
     h = x
     blocks = zip(arch.d_widths, arch.d_downsample, d_block_resolutions(self.resolution))
+    attended = set()
     for i, (mult, down, res) in enumerate(blocks):
       h = DBlock(mult * self.ch, down, i == 0, kernel_init, self.dtype, name=f'block{i}')(
           h, update_sn)
-      if res in self.attention:
+      # Once per resolution: on the map the first block of that input resolution reads (several
+      # blocks keep the 8x8 map at 32 px, the 4x4 one above).
+      if res in self.attention and res not in attended:
+        attended.add(res)
         h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
                                  self.attention_block_size, name=f'attention{res}')(h, update_sn)
     h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
