@@ -1,12 +1,16 @@
-"""Progressive growing: the grown networks against the fixed ones (run op by op, no compiles)."""
+"""Progressive growing: the grown networks against the fixed ones (run op by op, no compiles),
+the schedule and the config errors."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sagan_jax import config_check
 from sagan_jax import layers
 from sagan_jax import models
+from sagan_jax import progressive
+from sagan_jax.errors import ConfigError
 from tests.conftest import tiny_config
 
 
@@ -148,3 +152,55 @@ def test_every_stage_shares_one_variable_tree_and_the_fixed_tree_is_unchanged(ne
       jax.random.PRNGKey(3), jnp.zeros((4, 8, 8, 1)), labels, update_sn=True))
   assert jax.tree.structure(clean(small_g)) == jax.tree.structure(g_vars)
   assert jax.tree.structure(clean(small_d)) == jax.tree.structure(d_vars)
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule and the config checks.
+
+
+def test_schedule_stages_and_alpha_at_boundaries_and_during_fades():
+  schedule = progressive.Schedule((8, 16, 32), (100, 300), 50)
+  assert [schedule.stage_index(s) for s in (0, 99, 100, 299, 300, 10**6)] == [0, 0, 1, 1, 2, 2]
+  assert [schedule.resolution(s) for s in (0, 100, 300)] == [8, 16, 32]
+  assert [schedule.stage_start(i) for i in range(3)] == [0, 100, 300]
+  alphas = {s: float(schedule.alpha(s)) for s in (0, 99, 100, 125, 149, 150, 299, 300, 349, 350)}
+  assert alphas == pytest.approx({0: 1, 99: 1, 100: 0, 125: 0.5, 149: 0.98, 150: 1, 299: 1,
+                                  300: 0, 349: 0.98, 350: 1}, rel=1e-6)
+  traced = jax.jit(schedule.alpha)(jnp.int32(325))
+  assert traced.dtype == jnp.float32 and float(traced) == 0.5
+  assert float(progressive.Schedule((8, 16), (100,), 0).alpha(100)) == 1.0
+  assert progressive.describe_stage(schedule, 0) == 'Stage 1/3: 8x8 from step 0'
+  assert progressive.describe_stage(schedule, 1) == (
+      'Stage 2/3: 16x16 from step 100 (fade-in over 50 steps)')
+  config = grown_config()
+  assert progressive.schedule_from_config(config) == progressive.Schedule((8, 16, 32), (1, 2), 1)
+  assert progressive.schedule_from_config(tiny_config()) is None
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.progressive_resolutions', (16, 64), 'must double at each stage'),
+    ('model.progressive_resolutions', (4, 8, 16, 32), 'from 8 px or more'),
+    ('model.progressive_resolutions', (8, 16), 'up to data.resolution=32'),
+    ('model.progressive_resolutions', (32,), 'must double at each stage'),
+    ('train.progressive_stage_steps', (2,), 'the 2 stages after the first'),
+    ('train.progressive_stage_steps', (2, 1), 'increasing'),
+    ('train.progressive_stage_steps', (0, 2), 'above 0'),
+    ('train.progressive_stage_steps', (2, 4), 'below train.num_steps=4'),
+    ('train.progressive_fade_steps', 2, 'the shortest stage after the first \\(1 steps\\)'),
+    ('train.progressive_fade_steps', -1, 'out of range'),
+])
+def test_bad_progressive_settings_name_the_fix(field, value, message):
+  config = grown_config()
+  section, name = field.split('.')
+  setattr(config[section], name, value)
+  with pytest.raises(ConfigError, match=message) as error:
+    config_check.check_config(config)
+  assert f'--config.{field}' in str(error.value)
+  assert len(str(error.value).splitlines()) == 1
+
+
+def test_stage_steps_without_resolutions_are_refused():
+  config = tiny_config()
+  config.train.progressive_stage_steps = (2,)
+  with pytest.raises(ConfigError, match='model.progressive_resolutions is empty: set'):
+    config_check.check_config(config)
