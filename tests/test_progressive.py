@@ -1,5 +1,5 @@
 """Progressive growing: the grown networks against the fixed ones (run op by op, no compiles),
-the schedule and the config errors."""
+the schedule, the config errors and the stages' input streams."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sagan_jax import config_check
+from sagan_jax import input_pipeline
 from sagan_jax import layers
 from sagan_jax import models
 from sagan_jax import progressive
@@ -204,3 +205,28 @@ def test_stage_steps_without_resolutions_are_refused():
   config.train.progressive_stage_steps = (2,)
   with pytest.raises(ConfigError, match='model.progressive_resolutions is empty: set'):
     config_check.check_config(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# The input stream of a stage.
+
+
+def test_a_stage_stream_serves_its_resolution_and_continues_the_stream(fake_fashion_mnist_dir):
+  """From the same position a stage's stream yields the same examples (and flips) at its size,
+  framed as at 32 px: Fashion-MNIST's 28 px images padded to 32, then area-resized."""
+  config = grown_config(fake_fashion_mnist_dir)
+  config.data.random_flip = True
+  full = input_pipeline.create_train_iterator(config, seed=0)
+  next(full)
+  position = full.position
+  expected = next(full)
+  for res in (8, 16):
+    stage = input_pipeline.create_train_iterator(config, seed=0, position=position,
+                                                 resolution=res)
+    batch = next(stage)
+    assert batch['image'].shape == (1, 8, res, res, 1)
+    np.testing.assert_array_equal(batch['label'], expected['label'])
+    k = 32 // res
+    pooled = expected['image'].reshape(1, 8, res, k, res, k, 1).mean(axis=(3, 5))
+    np.testing.assert_allclose(batch['image'], pooled, atol=1e-5)
+    assert stage.position == full.position
