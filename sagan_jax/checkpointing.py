@@ -93,6 +93,31 @@ class Restored(NamedTuple):
   metadata: Dict[str, Any]
 
 
+def data_position(restored: Optional[Restored], step: int) -> Optional[int]:
+  """This process's input position from the checkpoint, or None to start the stream afresh."""
+  if restored is None:
+    return None
+  data = restored.data
+  positions = data.get('positions')
+  if positions is not None and data.get('process_count') == jax.process_count():
+    return positions[jax.process_index()]
+  logging.warning('The checkpoint of step %d holds no input position for %d process(es): the '
+                  'data stream restarts from a new seed (parameters and RNG still resume '
+                  'exactly).', step, jax.process_count())
+  return None
+
+
+def gather_positions(position: int) -> Dict[str, Any]:
+  """Every process's input position, in process order (the checkpoint's `data` item)."""
+  positions = [position]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    positions = multihost_utils.process_allgather(np.asarray([position], np.int64))
+    positions = [int(p) for p in np.asarray(positions).reshape(-1)]
+  return {'process_count': jax.process_count(), 'positions': positions}
+
+
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
   """Moves an unreadable step out of the manager's directory (kept for inspection)."""
   target = manager.directory.parent / UNREADABLE_DIR / str(step)

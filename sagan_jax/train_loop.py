@@ -4,14 +4,13 @@ import functools
 import json
 import signal
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 from absl import logging
 from clu import metric_writers
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 
 from sagan_jax import checkpointing
 from sagan_jax import config_check
@@ -27,30 +26,6 @@ from sagan_jax import train_state
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import first_line
 from sagan_jax.errors import TrainingError
-
-
-def _write_grid(workdir: epath.Path, writer, step: int, *, sample_fn: Callable[..., Any], state,
-                grid_inputs, use_ema: bool, rows: int) -> None:
-  z, labels = grid_inputs
-  images = sampling.to_uint8(sample_fn(state.generator_params(use_ema), state.g_state, z, labels))
-  grid = sampling.image_grid(images, rows)
-  writer.write_images(step, {'samples': grid[None]})
-  if jax.process_index() == 0:
-    (workdir / 'samples').mkdir(parents=True, exist_ok=True)
-    sampling.save_png(workdir / 'samples' / f'step_{step:07d}.png', grid)
-
-
-def _write_final_samples(workdir: epath.Path, config, sample_fn, state) -> None:
-  """samples.npz: `final_per_class` samples of every class (uint8 images, int32 labels)."""
-  labels = np.repeat(np.arange(config.data.num_classes, dtype=np.int32),
-                     config.sample.final_per_class)
-  images = sampling.generate(sample_fn, state.generator_params(config.sample.use_ema),
-                             state.g_state, config.model.z_dim, labels,
-                             jax.random.PRNGKey(config.seed + 1))
-  if jax.process_index() == 0:
-    with (workdir / 'samples.npz').open('wb') as f:
-      np.savez(f, images=images, labels=labels)
-    logging.info('Wrote %d samples to %s', len(labels), workdir / 'samples.npz')
 
 
 class _PreemptionWatcher:
@@ -160,29 +135,6 @@ def _save(manager, state, config, data, metadata) -> None:
         f'{manager.latest_step()}: free space or fix the permissions, then run again') from e
 
 
-def _data_position(config, restored, first_step: int):
-  """This process's input position from the checkpoint, or None to start the stream afresh."""
-  if restored is None:
-    return None
-  data = restored.data
-  positions = data.get('positions')
-  if positions is not None and data.get('process_count') == jax.process_count():
-    return positions[jax.process_index()]
-  logging.warning('The checkpoint of step %d holds no input position for %d process(es): the '
-                  'data stream restarts from a new seed (parameters and RNG still resume '
-                  'exactly).', first_step, jax.process_count())
-  return None
-
-
-def _gather_positions(position) -> Dict[str, Any]:
-  """Every process's input position, in process order (the checkpoint's `data` item)."""
-  positions = [position]
-  if jax.process_count() > 1:
-    positions = multihost_utils.process_allgather(np.asarray([position], np.int64))
-    positions = [int(p) for p in np.asarray(positions).reshape(-1)]
-  return {'process_count': jax.process_count(), 'positions': positions}
-
-
 def _restore_or_create(config, manager, generator, discriminator, mesh):
   """Resume order: the newest readable checkpoint in WORKDIR, else a fresh state from config.seed.
 
@@ -220,7 +172,7 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   first_step = int(state.step)
   logging.info('Starting at step %d of %d (%d devices, %d processes) in %s', first_step,
                config.train.num_steps, mesh.devices.size, jax.process_count(), workdir)
-  position = _data_position(config, restored, first_step)
+  position = checkpointing.data_position(restored, first_step)
   train_iter = input_pipeline.create_train_iterator(
       config, seed=config.seed if position is not None or not first_step else
       config.seed + first_step, position=position)
@@ -230,7 +182,7 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   grid_inputs = sampling.grid_latents(config.sample, config.model.z_dim, config.data.num_classes,
                                       config.seed)
   periodic = _Periodic(
-      write_grid=functools.partial(_write_grid, workdir, writer, sample_fn=sample_fn,
+      write_grid=functools.partial(sampling.write_grid, workdir, writer, sample_fn=sample_fn,
                                    grid_inputs=grid_inputs, use_ema=config.sample.use_ema,
                                    rows=min(config.sample.num_rows, config.data.num_classes)),
       progress=reporting.ProgressLogger(writer, first_step, config.train.num_steps),
@@ -240,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   state, stopped = _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
                               periodic)
   if config.sample.final_per_class and not stopped:
-    _write_final_samples(workdir, config, sample_fn, state)
+    sampling.write_final_samples(workdir, config, sample_fn, state)
   writer.flush()
   return state
 
@@ -288,7 +240,7 @@ def _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
         metadata = {'step': step, 'wall_time': time.time(),
                     'elapsed_seconds': elapsed + time.monotonic() - start_time,
                     'scalars': last_scalars, 'eval': eval_scores, 'nonfinite_skips': guard.skips}
-        _save(manager, state, config, _gather_positions(position), metadata)
+        _save(manager, state, config, checkpointing.gather_positions(position), metadata)
       if stop:
         logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
         break
