@@ -21,7 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from sagan_jax import models
+from sagan_jax import progressive
 from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import first_line
@@ -30,7 +30,9 @@ from sagan_jax.train_state import GANTrainState
 # Config fields that change the shapes of the saved state: a checkpoint written with other values
 # cannot be resumed.
 SHAPE_FIELDS = ('data.resolution', 'data.channels', 'data.num_classes', 'model.ch', 'model.z_dim',
-                'model.g_attention', 'model.d_attention')
+                'model.g_attention', 'model.d_attention', 'model.progressive_resolutions')
+# The values of SHAPE_FIELDS that configs saved before the field existed stand for.
+SHAPE_DEFAULTS = {'model.progressive_resolutions': []}
 ITEMS = ('state', 'generator', 'config', 'data', 'metadata')
 # Checkpoints that cannot be read are moved here (never deleted) so that training can save that
 # step again.
@@ -174,6 +176,8 @@ def abstract_like(state_fn, sharding) -> GANTrainState:
 def _field(config_dict: Any, dotted: str) -> Any:
   for key in dotted.split('.'):
     config_dict = config_dict.get(key) if isinstance(config_dict, dict) else None
+  if config_dict is None:
+    config_dict = SHAPE_DEFAULTS.get(dotted)
   return json.loads(json.dumps(config_dict))  # Tuples and lists compare alike.
 
 
@@ -217,7 +221,8 @@ def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema:
     step: the checkpoint step; None for the newest.
     use_ema: the EMA weights (default) or the raw ones.
   Returns:
-    (config, generator module, params, mutable collections, step).
+    (config, generator module, params, mutable collections, step). With progressive growing
+    the module is the stage that trained the step's last G step (progressive.sampling_generator).
   """
   directory = checkpoint_dir(workdir)
   steps = []
@@ -240,7 +245,7 @@ def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema:
   config = ml_collections.ConfigDict(restored['config'])
   generator = restored['generator']
   params = generator['ema_params'] if use_ema else generator['params']
-  return config, models.create_generator(config), params, generator['state'], step
+  return config, progressive.sampling_generator(config, step), params, generator['state'], step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +314,7 @@ def load_best_generator(workdir: epath.PathLike, use_ema: bool = True):
   config = ml_collections.ConfigDict(restored['config'])
   generator = restored['generator']
   params = generator['ema_params'] if use_ema else generator['params']
-  return (config, models.create_generator(config), params, generator['state'], step,
+  return (config, progressive.sampling_generator(config, step), params, generator['state'], step,
           dict(restored['metadata'] or {}))
 
 
