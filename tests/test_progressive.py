@@ -1,16 +1,33 @@
-"""Progressive growing: the grown networks against the fixed ones (run op by op, no compiles),
-the schedule, the config errors and the stages' input streams."""
+"""Progressive growing: the grown networks against the fixed ones, the schedule, the stages'
+training and data, an exact resume across a stage change, and the config errors.
+
+The networks are run op by op (no compiles). The training runs go through
+train_loop.train_and_evaluate on 16 and 32 px without attention (the cheapest two-stage model):
+one uninterrupted run of 4 steps (stage 2 from step 2, a fade-in of 2 steps) that also saves step
+1, and a run resumed from that checkpoint alone, past the stage change (tests/test_resume.py
+stops runs with SIGTERM; here only the resume matters). They compile the initial state and the
+two stages' steps once; the second run hits the compilation cache.
+"""
+
+import logging
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from sagan_jax import checkpointing
 from sagan_jax import config_check
 from sagan_jax import input_pipeline
 from sagan_jax import layers
 from sagan_jax import models
 from sagan_jax import progressive
+from sagan_jax import sharding
+from sagan_jax import train_loop
+from sagan_jax import train_state
 from sagan_jax.errors import ConfigError
 from tests.conftest import tiny_config
 
@@ -230,3 +247,138 @@ def test_a_stage_stream_serves_its_resolution_and_continues_the_stream(fake_fash
     pooled = expected['image'].reshape(1, 8, res, k, res, k, 1).mean(axis=(3, 5))
     np.testing.assert_allclose(batch['image'], pooled, atol=1e-5)
     assert stage.position == full.position
+
+
+# ----------------------------------------------------------------------------------------------
+# Training through a stage change (train_loop.train_and_evaluate), 16 -> 32 px.
+
+STAGE_1_STEP = 1  # A checkpoint inside stage 1, resumed in a second run.
+
+
+def loop_config(data_dir):
+  config = grown_config(data_dir, stages=(16, 32))
+  config.model.g_attention, config.model.d_attention = (), ()
+  config.data.random_flip = True  # Their random numbers must replay too.
+  config.train.ema_start_step = 0  # The EMA moves from the first step.
+  config.checkpoint_every_steps = 0  # Saves at the end only (and at STAGE_1_STEP, below).
+  config.sample_every_steps = 100  # A grid at the last step only.
+  return config
+
+
+class _Lines(logging.Handler):
+
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+def read_state(runs, name, step):
+  manager = checkpointing.open_for_reading(checkpointing.checkpoint_dir(runs[name]))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(runs['abstract']), data=ocp.args.JsonRestore()))
+  return jax.device_get(restored['state']), restored['data']
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, fake_fashion_mnist_dir):
+  base = tmp_path_factory.mktemp('progressive')
+  config = loop_config(fake_fashion_mnist_dir)
+  generator, discriminator = models.create_models(config)
+  rng, mesh = jax.random.PRNGKey(config.seed), sharding.create_mesh()
+  init = jax.device_get(train_state.create_sharded_train_state(config, generator, discriminator,
+                                                               rng, mesh))
+  abstract = checkpointing.abstract_like(
+      lambda: train_state.create_train_state(config, generator, discriminator, rng),
+      sharding.replicated(mesh))
+  reference, chain = str(base / 'reference'), str(base / 'chain')
+  lines, absl_logger = _Lines(), logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.addHandler(lines)
+  absl_logger.setLevel(logging.INFO)
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(train_loop, '_save_due', lambda manager, config, step: step == STAGE_1_STEP)
+      train_loop.train_and_evaluate(config, reference)
+    # The run that stopped there: a workdir holding that checkpoint alone, resumed to the end.
+    shutil.copytree(os.path.join(reference, 'checkpoints', str(STAGE_1_STEP)),
+                    os.path.join(chain, 'checkpoints', str(STAGE_1_STEP)))
+    train_loop.train_and_evaluate(config, chain)
+  finally:
+    absl_logger.removeHandler(lines)
+    absl_logger.setLevel(level)
+  return dict(config=config, init=init, abstract=abstract, reference=reference, chain=chain,
+              lines=lines.lines)
+
+
+def test_a_run_resumed_in_stage_1_ends_bit_identical_to_the_uninterrupted_one(runs):
+  lines = runs['lines']
+  assert lines.count('Stage 1/2: 16x16 from step 0') == 2  # The reference run, the resumed one.
+  assert lines.count('Stage 2/2: 32x32 from step 2 (fade-in over 2 steps)') == 2
+  assert f'Starting at step {STAGE_1_STEP} of 4' in ' '.join(lines)
+  reference, reference_data = read_state(runs, 'reference', 4)
+  resumed, data = read_state(runs, 'chain', 4)
+  assert data == reference_data and data['positions'][0] > 0
+  assert_trees_equal(resumed, reference)
+  final = reference
+  assert float(final.g_state[models.PROGRESS]['alpha']) == 0.5  # Step index 3 of a 2-step fade.
+  assert float(final.d_state[models.PROGRESS]['alpha']) == 0.5
+
+
+# G's and D's layers that stage 1 (16 px) does not reach.
+UNREACHED = {'g': ('block2', 'bn_out', 'conv_out'), 'd': ('block0',)}
+STAGE_1 = {'g': ('block1', 'conv_out_16'), 'd': ('from_rgb_16', 'block1')}
+
+
+def net_parts(state, net, names):
+  """The named layers' parameters, Adam moments and mutable state of G or D in a state dict."""
+  params = getattr(state, f'{net}_params')
+  adam = getattr(state, f'{net}_opt_state')[0]
+  collections = getattr(state, f'{net}_state')
+  parts = {'params': {n: params[n] for n in names},
+           'mu': {n: adam.mu[n] for n in names}, 'nu': {n: adam.nu[n] for n in names},
+           'state': {c: {n: v[n] for n in names if n in v} for c, v in collections.items()
+                     if c != models.PROGRESS}}
+  if net == 'g':
+    parts['ema'] = {n: state.ema_g_params[n] for n in names}
+  return parts
+
+
+def changed(a, b):
+  return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_stage_1_leaves_the_layers_it_does_not_reach_as_they_were(runs):
+  """Zero gradients, zero Adam moments, no update; the EMA stays equal to them; then the second
+  stage trains them (from the values stage 1 left: the whole state carries over)."""
+  init = runs['init']
+  stage_1, _ = read_state(runs, 'reference', STAGE_1_STEP)
+  final, _ = read_state(runs, 'reference', 4)
+  for net, names in UNREACHED.items():
+    before, after = net_parts(init, net, names), net_parts(stage_1, net, names)
+    assert_trees_equal(after['params'], before['params'])
+    assert_trees_equal(after['state'], before['state'])
+    for moment in ('mu', 'nu'):
+      assert not any(np.any(x) for x in jax.tree.leaves(after[moment]))
+    if net == 'g':
+      assert_trees_equal(after['ema'], after['params'])
+    assert changed(net_parts(final, net, names)['params'], after['params'])
+  for net, names in STAGE_1.items():
+    assert changed(net_parts(stage_1, net, names)['params'], net_parts(init, net, names)['params'])
+
+
+def test_a_progressive_checkpoint_restores_the_generator_of_its_stage(runs):
+  """The evaluate and sample tools' restore: the final checkpoint gives the last stage; step 1's
+  gives stage 1, sampling 32 px images made of 2x2 blocks."""
+  z = jax.random.normal(jax.random.PRNGKey(0), (4, runs['config'].model.z_dim))
+  labels = jnp.array([1, 8, 0, 3])
+  _, generator, params, g_state, step = checkpointing.load_generator(runs['reference'])
+  assert step == 4 and generator.stage == 32 and generator.stages == (16, 32)
+  images = generator.apply({'params': params, **g_state}, z, labels, train=False)
+  assert images.shape == (4, 32, 32, 1) and float(jnp.std(images)) > 0
+  _, generator, params, g_state, step = checkpointing.load_generator(runs['chain'], STAGE_1_STEP)
+  assert (step, generator.stage, generator.output_resolution) == (STAGE_1_STEP, 16, 32)
+  images = generator.apply({'params': params, **g_state}, z, labels, train=False)
+  np.testing.assert_array_equal(images, layers.upsample_2x(images[:, ::2, ::2]))
