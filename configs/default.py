@@ -63,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   # precision: parameters, optimizer states, spectral norm, BN statistics, softmax and losses
   # stay float32; G's images and D's logits come out float32).
   model.dtype = 'float32'
+  # Progressive growing (ProGAN; sagan_jax/progressive.py): the resolutions G and D are trained at,
+  # stage by stage, each double the one before, from 8 or more up to data.resolution, e.g.
+  # (32, 64, 128). Every stage's layers exist from the start (checkpoints keep one shape).
+  # (): off, the paper's fixed-resolution SAGAN.
+  model.progressive_resolutions = ()
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 256  # Global batch (all devices, all processes) per D step and G step.
@@ -94,6 +99,12 @@ def get_config() -> ml_collections.ConfigDict:
   # square of half the size). For small data sets, where D memorizes the real images: the paper
   # recommends 'color,translation,cutout' for about 10% of a data set. '': off (the SAGAN recipe).
   train.augment = ''
+  # Progressive growing (model.progressive_resolutions): the G step at which each stage after the
+  # first begins, increasing, within (0, num_steps); one per later stage.
+  train.progressive_stage_steps = ()
+  # Steps at the start of each later stage over which its new layers (and the real images' new
+  # resolution) fade in linearly, alpha 0 -> 1; at most the shortest later stage (0: no fade).
+  train.progressive_fade_steps = 0
 
   # CPU backend only: split the host's cores into this many JAX devices that share each batch
   # (data parallel; the demo's step runs 1.6x faster as 2 devices on 2 cores). 0: jax's default,

@@ -21,7 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from sagan_jax import models
+from sagan_jax import progressive
 from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import first_line
@@ -30,7 +30,9 @@ from sagan_jax.train_state import GANTrainState
 # Config fields that change the shapes of the saved state: a checkpoint written with other values
 # cannot be resumed.
 SHAPE_FIELDS = ('data.resolution', 'data.channels', 'data.num_classes', 'model.ch', 'model.z_dim',
-                'model.g_attention', 'model.d_attention')
+                'model.g_attention', 'model.d_attention', 'model.progressive_resolutions')
+# The values of SHAPE_FIELDS that configs saved before the field existed stand for.
+SHAPE_DEFAULTS = {'model.progressive_resolutions': []}
 ITEMS = ('state', 'generator', 'config', 'data', 'metadata')
 # Checkpoints that cannot be read are moved here (never deleted) so that training can save that
 # step again.
@@ -93,6 +95,31 @@ class Restored(NamedTuple):
   metadata: Dict[str, Any]
 
 
+def data_position(restored: Optional[Restored], step: int) -> Optional[int]:
+  """This process's input position from the checkpoint, or None to start the stream afresh."""
+  if restored is None:
+    return None
+  data = restored.data
+  positions = data.get('positions')
+  if positions is not None and data.get('process_count') == jax.process_count():
+    return positions[jax.process_index()]
+  logging.warning('The checkpoint of step %d holds no input position for %d process(es): the '
+                  'data stream restarts from a new seed (parameters and RNG still resume '
+                  'exactly).', step, jax.process_count())
+  return None
+
+
+def gather_positions(position: int) -> Dict[str, Any]:
+  """Every process's input position, in process order (the checkpoint's `data` item)."""
+  positions = [position]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    positions = multihost_utils.process_allgather(np.asarray([position], np.int64))
+    positions = [int(p) for p in np.asarray(positions).reshape(-1)]
+  return {'process_count': jax.process_count(), 'positions': positions}
+
+
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
   """Moves an unreadable step out of the manager's directory (kept for inspection)."""
   target = manager.directory.parent / UNREADABLE_DIR / str(step)
@@ -149,6 +176,8 @@ def abstract_like(state_fn, sharding) -> GANTrainState:
 def _field(config_dict: Any, dotted: str) -> Any:
   for key in dotted.split('.'):
     config_dict = config_dict.get(key) if isinstance(config_dict, dict) else None
+  if config_dict is None:
+    config_dict = SHAPE_DEFAULTS.get(dotted)
   return json.loads(json.dumps(config_dict))  # Tuples and lists compare alike.
 
 
@@ -192,7 +221,8 @@ def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema:
     step: the checkpoint step; None for the newest.
     use_ema: the EMA weights (default) or the raw ones.
   Returns:
-    (config, generator module, params, mutable collections, step).
+    (config, generator module, params, mutable collections, step). With progressive growing
+    the module is the stage that trained the step's last G step (progressive.sampling_generator).
   """
   directory = checkpoint_dir(workdir)
   steps = []
@@ -215,7 +245,7 @@ def load_generator(workdir: epath.PathLike, step: Optional[int] = None, use_ema:
   config = ml_collections.ConfigDict(restored['config'])
   generator = restored['generator']
   params = generator['ema_params'] if use_ema else generator['params']
-  return config, models.create_generator(config), params, generator['state'], step
+  return config, progressive.sampling_generator(config, step), params, generator['state'], step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +314,7 @@ def load_best_generator(workdir: epath.PathLike, use_ema: bool = True):
   config = ml_collections.ConfigDict(restored['config'])
   generator = restored['generator']
   params = generator['ema_params'] if use_ema else generator['params']
-  return (config, models.create_generator(config), params, generator['state'], step,
+  return (config, progressive.sampling_generator(config, step), params, generator['state'], step,
           dict(restored['metadata'] or {}))
 
 

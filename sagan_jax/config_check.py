@@ -67,6 +67,7 @@ RANGES = {
     'train.adam_eps': (POSITIVE, '1e-8'),
     'train.ema_decay': (Range(0, 1.0000001), '0.9999 (1 freezes the EMA)'),
     'train.ema_start_step': (OFF_OR_COUNT, '1000'),
+    'train.progressive_fade_steps': (OFF_OR_COUNT, '0 (no fade-in) or 500'),
     'log_every_steps': (COUNT, '100'),
     'sample_every_steps': (COUNT, '5000'),
     'checkpoint_every_steps': (OFF_OR_COUNT, '5000 (0: by minutes only)'),
@@ -110,6 +111,7 @@ def _check_choices(config) -> None:
   from sagan_jax import evaluation
   from sagan_jax import losses
   from sagan_jax import models
+  from sagan_jax import progressive
   from sagan_jax import train
   data = config.data
   if data.name not in DATA_SOURCES:
@@ -122,6 +124,7 @@ def _check_choices(config) -> None:
     raise ConfigError("data.name is 'folder' but data.folder_dir is unset: set "
                       '--config.data.folder_dir=ROOT (one subfolder of images per class)')
   models.check_model_config(config.model, data.resolution)
+  progressive.check_config(config)
   losses.get_adversarial_loss(config.train.loss)
   train.check_on_nonfinite(config.train.on_nonfinite)
   augment.parse_policy(config.train.get('augment', ''))

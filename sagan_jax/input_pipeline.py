@@ -107,17 +107,22 @@ def _to_resolution(image: tf.Tensor, resolution: int) -> tf.Tensor:
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
 
-  def crop_and_resize():
-    side = tf.minimum(height, width)
-    square = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
-                                           side, side)
+  def crop_and_resize(square=None):
+    if square is None:
+      side = tf.minimum(height, width)
+      square = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2,
+                                             side, side)
     return tf.image.resize(square, (resolution, resolution), method='area')
 
-  if resolution != 32:
+  if resolution > 32:
     return crop_and_resize()
-  # MNIST-style 28 px images: pad with the background instead of blurring them up.
+  # MNIST-style 28 px images: pad with the background instead of blurring them up; below 32 px
+  # (progressive growing's first stages) the padded image is area-resized, so every stage frames
+  # the garment as the 32 px images do.
+  padded = lambda: tf.pad(image, [[2, 2], [2, 2], [0, 0]])
   return tf.cond((height == 28) & (width == 28),
-                 lambda: tf.pad(image, [[2, 2], [2, 2], [0, 0]]), crop_and_resize)
+                 padded if resolution == 32 else lambda: crop_and_resize(padded()),
+                 crop_and_resize)
 
 
 def preprocess(example: Dict[str, tf.Tensor], data_config) -> Dict[str, tf.Tensor]:
@@ -257,7 +262,8 @@ class TrainIterator(_Stream):
 
 def create_train_iterator(config, seed: int, position: Optional[int] = None,
                           process_index: Optional[int] = None,
-                          process_count: Optional[int] = None) -> TrainIterator:
+                          process_count: Optional[int] = None,
+                          resolution: Optional[int] = None) -> TrainIterator:
   """The endless, shuffled training stream of one process, batched as the train step wants.
 
   Args:
@@ -268,12 +274,16 @@ def create_train_iterator(config, seed: int, position: Optional[int] = None,
       exactly where it stood; None or 0 starts at the beginning.
     process_index: this process (default jax.process_index()).
     process_count: the number of processes (default jax.process_count()).
+    resolution: the size of the images (default data.resolution): a stage of progressive
+      growing. The stream (order, flips, positions) does not depend on it.
 
   Returns:
     An iterator of {'image': float32 [d_steps, B, H, W, C], 'label': int32 [d_steps, B]} with
     B = train.batch_size // process_count, and a `position` int (JSON-serializable).
   """
   data_config = config.data
+  if resolution is not None:
+    data_config = _with_fields(data_config, resolution=resolution)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   batch_size = config.train.batch_size

@@ -1,7 +1,8 @@
 """SAGAN's Generator and Discriminator, built from a resolution, a width `ch` and multipliers.
 
 The architectures follow the authors' ResNet SAGAN (docs/recipe.md) and BigGAN's per-resolution
-tables. Self-attention is placed by feature-map resolution, separately for G and D.
+tables. Self-attention is placed by feature-map resolution, separately for G and D. With
+`model.progressive_resolutions` both can be grown stage by stage (`_Grown`).
 """
 
 import dataclasses
@@ -57,6 +58,11 @@ def d_block_resolutions(resolution: int) -> Tuple[int, ...]:
     res = res // 2 if down else res
     out.append(res)
   return tuple(out)
+
+
+def d_block_input_resolutions(resolution: int) -> Tuple[int, ...]:
+  """Input resolutions of D's blocks: block 0 reads the image, block i block i - 1's output."""
+  return (resolution,) + d_block_resolutions(resolution)[:-1]
 
 
 DTYPES = ('float32', 'bfloat16')  # Computation dtypes; parameters and statistics stay float32.
@@ -121,6 +127,24 @@ def check_model_config(model_config, resolution: int) -> None:
                       f'set --config.model.z_dim to a multiple of {chunks}, e.g. '
                       f'{chunks * max(1, round(model_config.z_dim / chunks))}')
   _check_attention_impl(model_config, resolution)
+  _check_stages(progressive_resolutions(model_config), resolution)
+
+
+def progressive_resolutions(model_config) -> Tuple[int, ...]:
+  # Configs saved in checkpoints before progressive growing existed lack the field.
+  return tuple(model_config.get('progressive_resolutions', ()))
+
+
+def _check_stages(stages: Tuple[int, ...], resolution: int) -> None:
+  """Progressive growing's stages double from 8 px or more (G's first block) to the data's."""
+  if not stages:
+    return
+  if (len(stages) < 2 or stages[0] < 8 or stages[-1] != resolution
+      or any(b != 2 * a for a, b in zip(stages, stages[1:]))):
+    example = tuple(resolution >> k for k in reversed(range(min(3, resolution.bit_length() - 3))))
+    raise ConfigError(f'model.progressive_resolutions={stages} must double at each stage from 8 '
+                      f'px or more up to data.resolution={resolution}: set '
+                      f'--config.model.progressive_resolutions="{example}" (or "()": no growing)')
 
 
 class GBlock(nn.Module):
@@ -178,7 +202,38 @@ class DBlock(nn.Module):
     return h + shortcut
 
 
-class Generator(nn.Module):
+PROGRESS = 'progress'  # The collection of the fade-in weight `alpha` (progressive growing).
+
+
+class _Grown:
+  """Progressive growing (Karras et al. 2018; sagan_jax.progressive), shared by G and D.
+
+  `stages`: the resolutions grown through (empty: the paper's fixed network); the module computes
+  stage `stage_resolution` (0: the last, data resolution). From the second stage on, new layers
+  fade in, blended with the previous stage's by `alpha` (a float32 scalar in the 'progress'
+  collection, set by the train step). `init` creates every stage's layers: one variable tree.
+  """
+
+  @property
+  def stage(self) -> int:
+    return self.stage_resolution or self.resolution
+
+  @property
+  def fades_in(self) -> bool:
+    """Whether this stage blends its new layers in (every stage after the first)."""
+    return bool(self.stages) and self.stage > self.stages[0]
+
+  def _alpha(self) -> jax.Array:
+    return self.variable(PROGRESS, 'alpha', lambda: jnp.ones((), jnp.float32)).value
+
+
+def upsample_nearest(images: jax.Array, size: int) -> jax.Array:
+  """NHWC images nearest-upsampled to `size` px (a multiple of theirs)."""
+  factor = size // images.shape[1]
+  return jnp.repeat(jnp.repeat(images, factor, axis=1), factor, axis=2)
+
+
+class Generator(_Grown, nn.Module):
   """G(z, y): SN-linear -> 4x4 map -> up-blocks (+ attention) -> BN -> ReLU -> SN conv -> tanh."""
   resolution: int
   ch: int
@@ -194,6 +249,12 @@ class Generator(nn.Module):
   # class embedding (N-d) and hierarchical z: z is cut into one chunk per block plus one for the
   # input layer, and block i's BNs read [embedding(y), z chunk i + 1] through linear maps.
   shared_dim: int = 0
+  # Progressive growing (_Grown). A stage's G ends at its resolution with its own output head
+  # (bn_out_R, conv_out_R; the last stage's are bn_out, conv_out). `output_resolution` above the
+  # stage's: the images are nearest-upsampled to it (sample grids, evaluation at full size).
+  stages: Tuple[int, ...] = ()
+  stage_resolution: int = 0
+  output_resolution: int = 0
 
   def _conditioning(self, z: jax.Array, labels: jax.Array, num_blocks: int):
     """(z for the input layer, each block's conditioning: the labels, or [embedding, z chunk])."""
@@ -215,20 +276,44 @@ class Generator(nn.Module):
     h = layers.SNDense(4 * 4 * widths[0], kernel_init=kernel_init, dtype=self.dtype,
                        name='linear')(z_in, train)
     h = h.reshape(z.shape[0], 4, 4, widths[0])
+    top = self.resolution if self.is_initializing() else self.stage  # init: every layer.
+    maps = {}  # Each block's output (after its attention), for the stages' output heads.
     for i, (width, res) in enumerate(zip(widths[1:], g_block_resolutions(self.resolution))):
+      if res > top:
+        break
       h = GBlock(width, self.num_classes, kernel_init, self.bn_momentum, self.dtype,
                  bool(self.shared_dim), name=f'block{i}')(h, conditioning[i], train)
       if res in self.attention:
         h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
                                  self.attention_block_size, name=f'attention{res}')(h, train)
-    h = layers.ConditionalBatchNorm(None, self.bn_momentum, name='bn_out')(
+      maps[res] = h
+    if not self.stages:
+      return self._to_image(h, self.resolution, kernel_init, train)
+    return self._grown_image(maps, kernel_init, train)
+
+  def _to_image(self, h: jax.Array, res: int, kernel_init, train: bool) -> jax.Array:
+    """The output head at `res` px: BN -> ReLU -> SN conv3x3 -> tanh."""
+    suffix = '' if res == self.resolution else f'_{res}'
+    h = layers.ConditionalBatchNorm(None, self.bn_momentum, name=f'bn_out{suffix}')(
         h, None, use_running_average=not train)
     h = layers.SNConv(self.out_channels, (3, 3), kernel_init=kernel_init, dtype=self.dtype,
-                      name='conv_out')(nn.relu(h), train)
+                      name=f'conv_out{suffix}')(nn.relu(h), train)
     return jnp.tanh(h.astype(jnp.float32))
 
+  def _grown_image(self, maps, kernel_init, train: bool) -> jax.Array:
+    """The stage's image; while it fades in, alpha * it + (1 - alpha) * the previous stage's
+    image (from the map before the new block) upsampled."""
+    stage, alpha = self.stage, self._alpha()
+    heads = self.stages if self.is_initializing() else (
+        (stage, stage // 2) if self.fades_in else (stage,))
+    images = {res: self._to_image(maps[res], res, kernel_init, train) for res in heads}
+    image = images[stage]
+    if self.fades_in:  # Computed at every step of the stage: one program per stage.
+      image = alpha * image + (1.0 - alpha) * layers.upsample_2x(images[stage // 2])
+    return upsample_nearest(image, max(self.output_resolution, stage))
 
-class Discriminator(nn.Module):
+
+class Discriminator(_Grown, nn.Module):
   """D(x, y): ResNet down-blocks (+ attention) -> ReLU -> sum -> SN-linear + projection."""
   resolution: int
   ch: int
@@ -239,20 +324,50 @@ class Discriminator(nn.Module):
   attention_block_size: int = attention_lib.DEFAULT_BLOCK_SIZE
   dtype: jnp.dtype = jnp.float32
   projection_scale: float = 1.0  # Weight of the class projection term (1: the paper's D).
+  # Progressive growing (_Grown). A stage's D reads its images through a from-RGB layer
+  # (from_rgb_R: SN conv1x1 to the width of the map the first block of input resolution R reads),
+  # then the blocks from there on; the last stage's block 0 reads the image itself.
+  stages: Tuple[int, ...] = ()
+  stage_resolution: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array, update_sn: bool) -> jax.Array:
     """Returns one float32 logit per image; `update_sn` runs a power iteration and stores u."""
     arch = get_architecture(self.resolution)
     kernel_init = layers.create_kernel_init(self.weight_init)
-    h = x
-    blocks = zip(arch.d_widths, arch.d_downsample, d_block_resolutions(self.resolution))
-    for i, (mult, down, res) in enumerate(blocks):
-      h = DBlock(mult * self.ch, down, i == 0, kernel_init, self.dtype, name=f'block{i}')(
-          h, update_sn)
-      if res in self.attention:
+    inputs = d_block_input_resolutions(self.resolution)
+    outputs = d_block_resolutions(self.resolution)
+    from_rgb = {res: layers.SNConv(arch.d_widths[inputs.index(res) - 1] * self.ch, (1, 1),
+                                   kernel_init=kernel_init, dtype=self.dtype,
+                                   name=f'from_rgb_{res}') for res in self.stages[:-1]}
+    stage = self.stage
+    if self.stages and self.is_initializing():  # init: every stage's layers, the full network.
+      x, stage = upsample_nearest(x, self.resolution), self.resolution
+      for conv in from_rgb.values():
+        conv(x, update_sn)
+    attended = set()
+
+    def attend(h, res):  # Once per resolution: on the map the first block of that input reads.
+      if res in self.attention and res not in attended:
+        attended.add(res)
         h = layers.SelfAttention(kernel_init, self.attention_impl, self.dtype,
                                  self.attention_block_size, name=f'attention{res}')(h, update_sn)
+      return h
+
+    first = inputs.index(stage)
+    # A fading stage's new blocks (those reading its resolution) end in a blend with the previous
+    # stage's entry: from_rgb of the 2x2-pooled images.
+    blend_after = (len(inputs) - 1 - inputs[::-1].index(stage)
+                   if self.stages and stage > self.stages[0] else None)
+    h = x if first == 0 else attend(from_rgb[stage](x, update_sn), stage)
+    for i in range(first, len(inputs)):
+      h = DBlock(arch.d_widths[i] * self.ch, arch.d_downsample[i], i == 0, kernel_init,
+                 self.dtype, name=f'block{i}')(h, update_sn)
+      if i == blend_after:
+        alpha = self._alpha()
+        old = from_rgb[stage // 2](layers.avg_pool_2x2(x), update_sn)
+        h = (alpha * h + (1.0 - alpha) * old).astype(h.dtype)
+      h = attend(h, outputs[i])
     h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
     out = layers.SNDense(1, kernel_init=kernel_init, name='linear')(h, update_sn)[:, 0]
     embedding = layers.SNEmbed(self.num_classes, h.shape[-1], kernel_init, name='embed')(
@@ -264,7 +379,8 @@ def _common_fields(config):
   m = config.model
   return dict(resolution=config.data.resolution, ch=m.ch, num_classes=config.data.num_classes,
               weight_init=m.init, attention_impl=m.attention_impl,
-              attention_block_size=_block_size(m), dtype=jnp.dtype(m.dtype))
+              attention_block_size=_block_size(m), dtype=jnp.dtype(m.dtype),
+              stages=progressive_resolutions(m))
 
 
 def create_generator(config) -> Generator:

@@ -1,8 +1,10 @@
-"""Sample grids: fixed latents (one row per class), PNG files, uint8 conversion."""
+"""Sample grids: fixed latents (one row per class), PNG files, uint8 conversion; the training
+loop's grids and final samples."""
 
 import io
-from typing import Tuple
+from typing import Any, Callable, Tuple
 
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -75,3 +77,27 @@ def generate(sample_fn, g_params, g_state, z_dim: int, labels: np.ndarray, rng: 
     z = latents.sample_z(jax.random.fold_in(rng, start), len(y), z_dim, truncation)
     out.append(to_uint8(sample_fn(g_params, g_state, z, y)))
   return np.concatenate(out)
+
+
+def write_grid(workdir: epath.Path, writer, step: int, *, sample_fn: Callable[..., Any], state,
+               grid_inputs, use_ema: bool, rows: int) -> None:
+  """The grid of the fixed `grid_inputs` to TensorBoard and WORKDIR/samples/step_N.png."""
+  z, labels = grid_inputs
+  images = to_uint8(sample_fn(state.generator_params(use_ema), state.g_state, z, labels))
+  grid = image_grid(images, rows)
+  writer.write_images(step, {'samples': grid[None]})
+  if jax.process_index() == 0:
+    (workdir / 'samples').mkdir(parents=True, exist_ok=True)
+    save_png(workdir / 'samples' / f'step_{step:07d}.png', grid)
+
+
+def write_final_samples(workdir: epath.Path, config, sample_fn, state) -> None:
+  """samples.npz: `final_per_class` samples of every class (uint8 images, int32 labels)."""
+  labels = np.repeat(np.arange(config.data.num_classes, dtype=np.int32),
+                     config.sample.final_per_class)
+  images = generate(sample_fn, state.generator_params(config.sample.use_ema), state.g_state,
+                    config.model.z_dim, labels, jax.random.PRNGKey(config.seed + 1))
+  if jax.process_index() == 0:
+    with (workdir / 'samples.npz').open('wb') as f:
+      np.savez(f, images=images, labels=labels)
+    logging.info('Wrote %d samples to %s', len(labels), workdir / 'samples.npz')

@@ -29,6 +29,7 @@ from sagan_jax import augment as augment_lib
 from sagan_jax import latents
 from sagan_jax import losses
 from sagan_jax import models
+from sagan_jax import progressive
 from sagan_jax import sharding
 from sagan_jax.layers import SPECTRAL
 from sagan_jax.errors import ConfigError
@@ -85,6 +86,8 @@ class StepContext:
   mesh: Optional[Mesh] = None
   phases: Tuple[str, ...] = ('d', 'g')
   hooks: StepHooks = StepHooks()
+  # Progressive growing: a step's fade-in weight (sagan_jax.progressive); None: fixed networks.
+  alpha_fn: Optional[Callable[[jax.Array], jax.Array]] = None
 
   def constrain(self, x: jax.Array, spec_fn=sharding.data_sharding) -> jax.Array:
     """`x` with its leading (example) axis sharded over the mesh's 'data' axis."""
@@ -244,6 +247,8 @@ def d_step(ctx: StepContext, state: GANTrainState, real: jax.Array, real_labels:
   vectors advance once.
   """
   z, fake_labels = ctx.draw_latents(rng, real.shape[0])
+  if ctx.generator.fades_in:  # Progressive growing: real images fade in as G's do (ProGAN).
+    real = progressive.fade_real(real, state.g_state)
   examples = {'real': real, 'real_label': real_labels, 'z': z, 'fake_label': fake_labels}
   loss_fn = lambda params, batch, index: _d_loss(ctx, state, rng, params, batch, index)
   (loss, aux), grads = accumulate_gradients(loss_fn, state.d_params, examples, ctx.num_micro,
@@ -251,7 +256,7 @@ def d_step(ctx: StepContext, state: GANTrainState, real: jax.Array, real_labels:
   updates, d_opt_state = state.d_tx.update(grads, state.d_opt_state, state.d_params)
   updates = _scaled(ctx, updates, state.step)
   state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
-                        d_state=dict(aux['state']), d_opt_state=d_opt_state)
+                        d_state={**state.d_state, **aux['state']}, d_opt_state=d_opt_state)
   metrics = {'train/d_loss': loss, 'train/d_real': aux['real'], 'train/d_fake': aux['fake'],
              'train/d_grad_norm': optax.global_norm(grads), **aux['regularizers']}
   return state, metrics
@@ -288,8 +293,8 @@ def g_step(ctx: StepContext, state: GANTrainState, batch_size: int, rng: jax.Arr
   g_params = optax.apply_updates(state.g_params, updates)
   decay = jnp.where(state.step >= ctx.ema_start_step, ctx.ema_decay, 0.0)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_g_params, g_params)
-  state = state.replace(g_params=g_params, g_state=dict(aux['state']), g_opt_state=g_opt_state,
-                        ema_g_params=ema)
+  state = state.replace(g_params=g_params, g_state={**state.g_state, **aux['state']},
+                        g_opt_state=g_opt_state, ema_g_params=ema)
   return state, {'train/g_loss': loss, 'train/g_grad_norm': optax.global_norm(grads),
                  **aux['regularizers']}
 
@@ -308,8 +313,11 @@ def train_step(ctx: StepContext, state: GANTrainState, batch: Batch
   `batch` holds 'image' [d_steps, B, H, W, C] in [-1, 1] and 'label' [d_steps, B]. With
   `ctx.skip_nonfinite`, a step whose losses or new parameters are not finite returns the state
   it was given (the step counter advanced): its batch is skipped. `ctx.phases` lets the benchmark
-  time the D steps or the G step alone; the step counter advances either way.
+  time the D steps or the G step alone; the step counter advances either way. With progressive
+  growing (`ctx.alpha_fn`) the step first writes its alpha into G's and D's 'progress' state.
   """
+  if ctx.alpha_fn is not None:  # Progressive growing: the step's alpha, for G, D and samples.
+    state = progressive.with_alpha(state, ctx.alpha_fn(state.step))
   start_state = state
   step_rng = jax.random.fold_in(state.rng, state.step)
   d_steps = batch['image'].shape[0]
@@ -348,6 +356,7 @@ def create_step_context(config, generator: models.Generator,
   `hooks` replace the config's own (`hooks_from_config`, used when None).
   """
   train_config = config.train
+  schedule = progressive.schedule_from_config(config)
   return StepContext(
       generator=generator, discriminator=discriminator,
       loss=losses.get_adversarial_loss(train_config.loss), z_dim=config.model.z_dim,
@@ -355,7 +364,8 @@ def create_step_context(config, generator: models.Generator,
       ema_decay=train_config.ema_decay, ema_start_step=train_config.ema_start_step,
       lr_scale=lr_scale_fn(train_config),
       skip_nonfinite=check_on_nonfinite(train_config.on_nonfinite) == 'skip', mesh=mesh,
-      phases=tuple(phases), hooks=hooks_from_config(config) if hooks is None else hooks)
+      phases=tuple(phases), hooks=hooks_from_config(config) if hooks is None else hooks,
+      alpha_fn=schedule.alpha if schedule else None)
 
 
 def create_train_step(config, generator: models.Generator, discriminator: models.Discriminator,

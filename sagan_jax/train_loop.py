@@ -11,7 +11,6 @@ from clu import metric_writers
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 
 from sagan_jax import checkpointing
 from sagan_jax import config_check
@@ -19,6 +18,7 @@ from sagan_jax import device_prefetch
 from sagan_jax import evaluation
 from sagan_jax import input_pipeline
 from sagan_jax import models
+from sagan_jax import progressive
 from sagan_jax import reporting
 from sagan_jax import sampling
 from sagan_jax import sharding
@@ -27,30 +27,6 @@ from sagan_jax import train_state
 from sagan_jax.errors import ConfigError
 from sagan_jax.errors import first_line
 from sagan_jax.errors import TrainingError
-
-
-def _write_grid(workdir: epath.Path, writer, step: int, *, sample_fn: Callable[..., Any], state,
-                grid_inputs, use_ema: bool, rows: int) -> None:
-  z, labels = grid_inputs
-  images = sampling.to_uint8(sample_fn(state.generator_params(use_ema), state.g_state, z, labels))
-  grid = sampling.image_grid(images, rows)
-  writer.write_images(step, {'samples': grid[None]})
-  if jax.process_index() == 0:
-    (workdir / 'samples').mkdir(parents=True, exist_ok=True)
-    sampling.save_png(workdir / 'samples' / f'step_{step:07d}.png', grid)
-
-
-def _write_final_samples(workdir: epath.Path, config, sample_fn, state) -> None:
-  """samples.npz: `final_per_class` samples of every class (uint8 images, int32 labels)."""
-  labels = np.repeat(np.arange(config.data.num_classes, dtype=np.int32),
-                     config.sample.final_per_class)
-  images = sampling.generate(sample_fn, state.generator_params(config.sample.use_ema),
-                             state.g_state, config.model.z_dim, labels,
-                             jax.random.PRNGKey(config.seed + 1))
-  if jax.process_index() == 0:
-    with (workdir / 'samples.npz').open('wb') as f:
-      np.savez(f, images=images, labels=labels)
-    logging.info('Wrote %d samples to %s', len(labels), workdir / 'samples.npz')
 
 
 class _PreemptionWatcher:
@@ -160,29 +136,6 @@ def _save(manager, state, config, data, metadata) -> None:
         f'{manager.latest_step()}: free space or fix the permissions, then run again') from e
 
 
-def _data_position(config, restored, first_step: int):
-  """This process's input position from the checkpoint, or None to start the stream afresh."""
-  if restored is None:
-    return None
-  data = restored.data
-  positions = data.get('positions')
-  if positions is not None and data.get('process_count') == jax.process_count():
-    return positions[jax.process_index()]
-  logging.warning('The checkpoint of step %d holds no input position for %d process(es): the '
-                  'data stream restarts from a new seed (parameters and RNG still resume '
-                  'exactly).', first_step, jax.process_count())
-  return None
-
-
-def _gather_positions(position) -> Dict[str, Any]:
-  """Every process's input position, in process order (the checkpoint's `data` item)."""
-  positions = [position]
-  if jax.process_count() > 1:
-    positions = multihost_utils.process_allgather(np.asarray([position], np.int64))
-    positions = [int(p) for p in np.asarray(positions).reshape(-1)]
-  return {'process_count': jax.process_count(), 'positions': positions}
-
-
 def _restore_or_create(config, manager, generator, discriminator, mesh):
   """Resume order: the newest readable checkpoint in WORKDIR, else a fresh state from config.seed.
 
@@ -220,27 +173,24 @@ def train_and_evaluate(config, workdir: str) -> train.GANTrainState:
   first_step = int(state.step)
   logging.info('Starting at step %d of %d (%d devices, %d processes) in %s', first_step,
                config.train.num_steps, mesh.devices.size, jax.process_count(), workdir)
-  position = _data_position(config, restored, first_step)
-  train_iter = input_pipeline.create_train_iterator(
-      config, seed=config.seed if position is not None or not first_step else
-      config.seed + first_step, position=position)
-  train_step = train.compile_train_step(
-      train.create_train_step(config, generator, discriminator, mesh), mesh)
-  sample_fn = sampling.create_sample_fn(generator)
+  position = checkpointing.data_position(restored, first_step)
+  # Without a saved position the stream restarts at 0 with a seed of its own.
+  data_seed = config.seed if position is not None or not first_step else config.seed + first_step
   grid_inputs = sampling.grid_latents(config.sample, config.model.z_dim, config.data.num_classes,
                                       config.seed)
   periodic = _Periodic(
-      write_grid=functools.partial(_write_grid, workdir, writer, sample_fn=sample_fn,
-                                   grid_inputs=grid_inputs, use_ema=config.sample.use_ema,
+      write_grid=functools.partial(sampling.write_grid, workdir, writer, grid_inputs=grid_inputs,
+                                   use_ema=config.sample.use_ema,
                                    rows=min(config.sample.num_rows, config.data.num_classes)),
       progress=reporting.ProgressLogger(writer, first_step, config.train.num_steps),
       profile=reporting.create_profiler(config, workdir),
       # Evaluation during training (eval.every_steps; None when off): the helpers at the end.
       evaluate=_create_periodic_evaluation(config, workdir, generator, mesh, writer))
-  state, stopped = _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
-                              periodic)
-  if config.sample.final_per_class and not stopped:
-    _write_final_samples(workdir, config, sample_fn, state)
+  stages = _Stages(config, mesh, data_seed)
+  state, stopped = _run_steps(config, mesh, manager, state, restored, position, stages, periodic)
+  if config.sample.final_per_class and not stopped:  # From the last stage's G.
+    sample_fn = sampling.create_sample_fn(progressive.sampling_generator(config, int(state.step)))
+    sampling.write_final_samples(workdir, config, sample_fn, state)
   writer.flush()
   return state
 
@@ -250,48 +200,111 @@ class _Periodic(NamedTuple):
   write_grid: Callable[..., None]  # sample_every_steps
   progress: reporting.ProgressLogger  # every step; logs every log_every_steps
   profile: Callable[[int], None]  # profile_first_step ...
-  evaluate: Optional[Callable[..., Dict[str, float]]]  # eval.every_steps, or None
+  evaluate: Optional['_PeriodicEvaluation']  # eval.every_steps, or None
 
 
-def _run_steps(config, mesh, manager, state, restored, train_iter, train_step,
+class _Stage(NamedTuple):
+  """What the loop trains with up to `end_step`: a stage of progressive growing, or the run."""
+  end_step: int
+  train_iter: Any  # The input stream, at the stage's resolution.
+  train_step: Callable[..., Any]  # Compiled.
+  sampler: models.Generator  # G of the stage with images at data.resolution: grids, evaluation.
+  sample_fn: Callable[..., Any]
+
+
+class _Stages:
+  """Builds the stage that trains a given step: with progressive growing (sagan_jax.progressive)
+  its own networks, compiled step, input stream and sampler; without, the whole run's."""
+
+  def __init__(self, config, mesh, data_seed: int):
+    self.config, self.mesh, self.data_seed = config, mesh, data_seed
+    self.schedule = progressive.schedule_from_config(config)
+
+  def enter(self, step: int, position: Optional[int]) -> _Stage:
+    """The stage of G step `step` + 1 (state.step == step); its stream continues at `position`."""
+    config, schedule = self.config, self.schedule
+    end_step, resolution = config.train.num_steps, None
+    if schedule is None:
+      generator, discriminator = models.create_models(config)
+    else:
+      index = schedule.stage_index(step)
+      logging.info('%s', progressive.describe_stage(schedule, index))
+      generator, discriminator = progressive.stage_models(config, index)
+      resolution = schedule.resolutions[index]
+      if index + 1 < schedule.num_stages:
+        end_step = schedule.stage_start(index + 1)
+    train_iter = input_pipeline.create_train_iterator(config, seed=self.data_seed,
+                                                      position=position, resolution=resolution)
+    train_step = train.compile_train_step(
+        train.create_train_step(config, generator, discriminator, self.mesh), self.mesh)
+    sampler = generator.clone(output_resolution=config.data.resolution) if resolution else generator
+    return _Stage(end_step, train_iter, train_step, sampler, sampling.create_sample_fn(sampler))
+
+
+class _LoopState:
+  """What the loop carries from step to step and across stages: the non-finite guard, the
+  newest scalars and scores, the training time, the metrics checked one step late."""
+
+  def __init__(self, config, manager, restored):
+    saved_metadata = restored.metadata if restored else {}
+    self.config, self.manager = config, manager
+    self.elapsed = float(saved_metadata.get('elapsed_seconds', 0.0))
+    self.guard = _NonFiniteGuard(config.train.on_nonfinite,
+                                 int(saved_metadata.get('nonfinite_skips', 0)))
+    self.start_time = time.monotonic()
+    self.previous_metrics, self.last_scalars = None, {}
+    self.eval_scores: Dict[str, float] = {}  # The newest evaluation's scores.
+
+  def after_step(self, step: int, state, metrics, position, stage: _Stage, periodic: _Periodic,
+                 preemption: _PreemptionWatcher) -> bool:
+    """Logs, grids, evaluation and the checkpoint of `step`, each when due; True: stop (SIGTERM)."""
+    config, guard, manager = self.config, self.guard, self.manager
+    if self.previous_metrics is not None:  # Checked one step late: the host never waits here.
+      guard.check(step - 1, self.previous_metrics, manager)
+    self.previous_metrics = metrics
+    periodic.progress.add(metrics)
+    periodic.profile(step)
+    last = step == config.train.num_steps
+    if step % config.log_every_steps == 0 or last:
+      self.last_scalars = periodic.progress(step, {'train/nonfinite_skips': guard.skips}
+                                            if guard.action == 'skip' else {})
+    if step % config.sample_every_steps == 0 or last:
+      periodic.write_grid(step, state=state, sample_fn=stage.sample_fn)
+    if periodic.evaluate is not None and (step % config.eval.every_steps == 0 or last):
+      self.eval_scores = periodic.evaluate(step, state)
+    stop = preemption.check(step)
+    if last or stop or _save_due(manager, config, step):
+      guard.check(step, metrics, manager)
+      metadata = {'step': step, 'wall_time': time.time(),
+                  'elapsed_seconds': self.elapsed + time.monotonic() - self.start_time,
+                  'scalars': self.last_scalars, 'eval': self.eval_scores,
+                  'nonfinite_skips': guard.skips}
+      _save(manager, state, config, checkpointing.gather_positions(position), metadata)
+    if stop:
+      logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
+    return stop
+
+
+def _run_steps(config, mesh, manager, state, restored, position, stages: _Stages,
                periodic: _Periodic):
-  """Steps to train.num_steps or to a SIGTERM, saving as the policy says; (state, stopped)."""
-  saved_metadata = restored.metadata if restored else {}
-  elapsed = float(saved_metadata.get('elapsed_seconds', 0.0))
-  guard = _NonFiniteGuard(config.train.on_nonfinite, int(saved_metadata.get('nonfinite_skips', 0)))
-  start_time = time.monotonic()
-  num_steps, previous_metrics, last_scalars = config.train.num_steps, None, {}
-  eval_scores: Dict[str, float] = {}  # The newest evaluation's scores.
-  # The next global batches are built on a thread while the step runs (depth data.prefetch).
-  batches = device_prefetch.DevicePrefetcher(train_iter, mesh, config.data.get('prefetch', 2))
-  with _PreemptionWatcher() as preemption, batches:
-    for step in range(int(state.step) + 1, num_steps + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch, position = next(batches)
-        state, metrics = train_step(state, batch)
-      if previous_metrics is not None:  # Checked one step late: the host never waits here.
-        guard.check(step - 1, previous_metrics, manager)
-      previous_metrics = metrics
-      periodic.progress.add(metrics)
-      periodic.profile(step)
-      last = step == num_steps
-      if step % config.log_every_steps == 0 or last:
-        last_scalars = periodic.progress(step, {'train/nonfinite_skips': guard.skips}
-                                         if guard.action == 'skip' else {})
-      if step % config.sample_every_steps == 0 or last:
-        periodic.write_grid(step, state=state)
-      if periodic.evaluate is not None and (step % config.eval.every_steps == 0 or last):
-        eval_scores = periodic.evaluate(step, state)
-      stop = preemption.check(step)
-      if last or stop or _save_due(manager, config, step):
-        guard.check(step, metrics, manager)
-        metadata = {'step': step, 'wall_time': time.time(),
-                    'elapsed_seconds': elapsed + time.monotonic() - start_time,
-                    'scalars': last_scalars, 'eval': eval_scores, 'nonfinite_skips': guard.skips}
-        _save(manager, state, config, _gather_positions(position), metadata)
-      if stop:
-        logging.warning('SIGTERM: saved a checkpoint at step %d; stopping.', step)
-        break
+  """Steps to train.num_steps or to a SIGTERM, stage by stage, saving as the policy says;
+  (state, stopped). `position`: the input stream's, None to start it."""
+  loop = _LoopState(config, manager, restored)
+  with _PreemptionWatcher() as preemption:
+    while int(state.step) < config.train.num_steps and not preemption.requested:
+      stage = stages.enter(int(state.step), position)
+      if periodic.evaluate is not None:
+        periodic.evaluate.evaluator.set_generator(stage.sampler)
+      # The next global batches are built on a thread while the step runs (depth data.prefetch);
+      # at a new stage those read ahead at the old resolution are dropped.
+      with device_prefetch.DevicePrefetcher(stage.train_iter, mesh,
+                                            config.data.get('prefetch', 2)) as batches:
+        for step in range(int(state.step) + 1, stage.end_step + 1):
+          with jax.profiler.StepTraceAnnotation('train', step_num=step):
+            batch, position = next(batches)
+            state, metrics = stage.train_step(state, batch)
+          if loop.after_step(step, state, metrics, position, stage, periodic, preemption):
+            break
     _wait_for_saves(manager)
   return state, preemption.requested
 
@@ -337,27 +350,39 @@ def _create_periodic_evaluation(config, workdir: epath.Path, generator, mesh, wr
     else:
       logging.warning('eval.best_metric=%s is not evaluated (%s): no best checkpoint is kept',
                       eval_config.best_metric, evaluator.skipped.get(metric, 'not in eval.metrics'))
-  return functools.partial(_evaluate, config, workdir, evaluator, best, writer)
+  return _PeriodicEvaluation(config, workdir, evaluator, best, writer)
 
 
-def _evaluate(config, workdir: epath.Path, evaluator, best, writer, step: int,
-              state) -> Dict[str, float]:
-  start = time.perf_counter()
-  scores = evaluator(state.generator_params(config.eval.use_ema), state.g_state)
-  accuracy = evaluator.details.get('class_accuracy')
-  scalars = {f'eval/{k}': v for k, v in scores.items()}
-  if accuracy:  # eval/class_accuracy/<index>_<name>
-    scalars.update(evaluation.class_accuracy_scalars(accuracy, 'eval/class_accuracy'))
-  writer.write_scalars(step, scalars)
-  logging.info('eval at step %d (%d samples, %.1f s): %s%s', step, config.eval.num_samples,
-               time.perf_counter() - start, evaluation.format_scores(scores),
-               f'; {evaluation.worst_class_summary(accuracy)}' if accuracy else '')
-  if jax.process_index() == 0:
-    path = epath.Path(workdir) / 'eval' / f'train_step_{step:07d}.json'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({'step': step, 'num_samples': config.eval.num_samples,
-                                'scores': scores, 'details': evaluator.details},
-                               indent=2, sort_keys=True))
-  if best is not None:
-    best.update(state, config, scores)
-  return scores
+class _PeriodicEvaluation:
+  """`evaluate(step, state) -> scores`: the log, TensorBoard, the JSON file and WORKDIR/best.
+
+  `evaluator` samples with the G it was built with, or the one set by its set_generator (each
+  stage's, with progressive growing).
+  """
+
+  def __init__(self, config, workdir: epath.Path, evaluator, best, writer):
+    self.config, self.workdir, self.evaluator, self.best = config, workdir, evaluator, best
+    self.writer = writer
+
+  def __call__(self, step: int, state) -> Dict[str, float]:
+    config, workdir, evaluator, best, writer = (self.config, self.workdir, self.evaluator,
+                                                self.best, self.writer)
+    start = time.perf_counter()
+    scores = evaluator(state.generator_params(config.eval.use_ema), state.g_state)
+    accuracy = evaluator.details.get('class_accuracy')
+    scalars = {f'eval/{k}': v for k, v in scores.items()}
+    if accuracy:  # eval/class_accuracy/<index>_<name>
+      scalars.update(evaluation.class_accuracy_scalars(accuracy, 'eval/class_accuracy'))
+    writer.write_scalars(step, scalars)
+    logging.info('eval at step %d (%d samples, %.1f s): %s%s', step, config.eval.num_samples,
+                 time.perf_counter() - start, evaluation.format_scores(scores),
+                 f'; {evaluation.worst_class_summary(accuracy)}' if accuracy else '')
+    if jax.process_index() == 0:
+      path = epath.Path(workdir) / 'eval' / f'train_step_{step:07d}.json'
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps({'step': step, 'num_samples': config.eval.num_samples,
+                                  'scores': scores, 'details': evaluator.details},
+                                 indent=2, sort_keys=True))
+    if best is not None:
+      best.update(state, config, scores)
+    return scores

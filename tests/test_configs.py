@@ -8,8 +8,11 @@ import pytest
 from configs import cifar10
 from configs import default
 from configs import fashion_mnist
+from configs import fashion_mnist_progressive
 from configs import imagenet
 from configs import imagenet256
+from configs import imagenet256_progressive
+from sagan_jax import config_check
 from sagan_jax import losses
 from sagan_jax import models
 
@@ -31,7 +34,8 @@ def test_imagenet_config_takes_the_attention_placement():
   assert config.model.g_attention == (32,) and config.model.d_attention == (32,)
 
 
-@pytest.mark.parametrize('module', [default, imagenet, imagenet256, cifar10, fashion_mnist])
+@pytest.mark.parametrize('module', [default, imagenet, imagenet256, cifar10, fashion_mnist,
+                                    fashion_mnist_progressive, imagenet256_progressive])
 def test_every_config_builds(module):
   config = module.get_config()
   models.check_model_config(config.model, config.data.resolution)
@@ -46,6 +50,22 @@ def test_imagenet256_has_attention_at_64_and_128_with_memory_efficient_kernels()
   assert config.model.attention_impl in ('auto', 'blockwise')
   # 64 ch at D's 128x128 map: cuDNN's head size C/8 = 8 is a multiple of 8 (ch % 64 == 0).
   assert set(models.attention_widths(config.model, 256)) == {256, 128, 64}
+
+
+@pytest.mark.parametrize('grown,base,stages', [
+    (fashion_mnist_progressive, fashion_mnist, (8, 16, 32)),
+    (imagenet256_progressive, imagenet256, (32, 64, 128, 256))])
+def test_progressive_configs_are_their_base_configs_grown(grown, base, stages):
+  config, base_config = grown.get_config(), base.get_config()
+  config_check.check_config(config)
+  assert config.model.progressive_resolutions == stages
+  assert len(config.train.progressive_stage_steps) == len(stages) - 1
+  assert config.train.progressive_fade_steps > 0
+  for field in ('model.progressive_resolutions', 'train.progressive_stage_steps',
+                'train.progressive_fade_steps'):
+    section, name = field.split('.')
+    config[section][name] = base_config[section][name]
+  assert config.to_dict() == base_config.to_dict()
 
 
 def test_every_default_field_is_commented():

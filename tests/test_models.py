@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,6 +69,27 @@ def test_both_attention_placements_build_at_128():
       update_sn=True))
   assert g_shapes['params']['attention32']['theta']['kernel'].shape == (1, 1, 256, 32)
   assert d_shapes['params']['attention32']['theta']['kernel'].shape == (1, 1, 128, 16)
+
+
+def test_d_attention_on_a_map_several_blocks_keep_is_placed_once():
+  """At 32 px D's blocks 1-3 all output 8x8 maps: attention at 8 follows block 1 only (before
+  the fix, Flax refused a second module named attention8)."""
+  config = small_config(32, (), (8,))
+  discriminator = models.create_models(config)[1]
+  images = jnp.zeros((2, 32, 32, 3))
+  d_vars = discriminator.init(jax.random.PRNGKey(0), images, jnp.zeros((2,), jnp.int32),
+                              update_sn=True)
+  assert d_vars['params']['attention8']['theta']['kernel'].shape == (1, 1, 32, 4)
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and context.module.name in ('attention8', 'block2'):
+      calls.append(context.module.name)
+    return next_fun(*args, **kwargs)
+
+  calls = []
+  with nn.intercept_methods(record):
+    discriminator.apply(d_vars, images, jnp.zeros((2,), jnp.int32), update_sn=False)
+  assert calls == ['attention8', 'block2']
 
 
 def test_parameter_counts_at_128px_ch64():

@@ -233,6 +233,12 @@ class Evaluator:
     self._logged = set()  # The metrics whose skipping at a call was logged.
     self.metric_names = [m for m in settings.metrics if m not in skipped]
     self._check_sample_counts()
+    self._z_dim, self._mesh = z_dim, mesh
+    self.set_generator(generator)
+
+  def set_generator(self, generator) -> None:
+    """Samples with `generator` from now on (progressive growing: each stage's G)."""
+    settings, z_dim, mesh = self.settings, self._z_dim, self._mesh
     self._sample_fn = features.create_sample_features_fn(generator, z_dim, self.nets, mesh,
                                                          settings.batch_size, settings.truncation)
     self._standing_fn = None
