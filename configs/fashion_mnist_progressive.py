@@ -4,7 +4,9 @@
 
 Everything else is the demo's (6,000 steps, batch 16, rates decaying from step 3,000, EMA from
 1,000, the classifier's scores every 1,000 steps on images upsampled to 32 px), so the two runs
-compare. Experimental: the stage lengths below are a first guess, not yet measured.
+compare. Measured (README, "Progressive growing"): with --config.train.num_steps=8000, the time of
+the demo's 6,000 steps, it scores 0.920 class accuracy (the demo 0.921) and fd_classifier 43.7
+(the demo 24.3). The stage lengths are a first guess, not tuned.
 """
 
 from configs import fashion_mnist
