@@ -17,7 +17,9 @@ from typing import Any, Dict, NamedTuple, Optional
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -113,8 +115,6 @@ def gather_positions(position: int) -> Dict[str, Any]:
   """Every process's input position, in process order (the checkpoint's `data` item)."""
   positions = [position]
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
     positions = multihost_utils.process_allgather(np.asarray([position], np.int64))
     positions = [int(p) for p in np.asarray(positions).reshape(-1)]
   return {'process_count': jax.process_count(), 'positions': positions}
@@ -129,7 +129,6 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
       target.rmtree()
     (manager.directory / str(step)).rename(target)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
   manager.reload()
   return target
