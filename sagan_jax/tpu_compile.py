@@ -19,6 +19,8 @@ import re
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from absl import logging
+
 from sagan_jax import cli
 from sagan_jax.errors import ConfigError
 
@@ -212,12 +214,24 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16) -> Dict[str
     reports[multiple] = compile_for_slice(probe, name, devices)
     probes[multiple * unit] = reports[multiple]['fits']
     good, bad = (multiple, bad) if probes[multiple * unit] else (good, multiple)
+    logging.info('%s', _probe_line(reports[multiple], good * unit, bad and bad * unit))
     multiple = _next_probe(reports, good, bad, top)
     if multiple is None:
       break
   result = dict(reports[good] if good else reports[min(reports)])
   result.update(max_batch=good * unit, probes=probes)
   return result
+
+
+def _probe_line(report: Dict[str, Any], fits: int, misses: Optional[int]) -> str:
+  """One probe of the search, and what is proven so far (a search can take an hour)."""
+  total = report['bytes_per_device']['total']
+  needed = f'{total / 2**30:.2f} GiB of' if total else 'more than'
+  return (f"--max_batch: global batch {report['batch_size']} needs {needed} the device's "
+          f"{report['hbm_bytes_per_device'] / 2**30:.2f} GiB: "
+          f"{'fits' if report['fits'] else 'does not fit'} (compiled in "
+          f"{report['compile_s']:.0f} s); largest fit so far {fits or 'none'}, smallest miss "
+          f"{misses or 'none yet'}")
 
 
 def _next_probe(reports, good: int, bad: Optional[int], top: int) -> Optional[int]:

@@ -6,6 +6,7 @@ slice, which fits, and for a 4-host slice at a batch that cannot fit a v5e chip'
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def _fake_compiles(monkeypatch, needed_gib, reports_bytes=True):
     fits = total <= 16 * 2**30
     fixed = 2**31 if fits else None  # The state: 2 GiB of arguments.
     return {'batch_size': batch, 'fits': fits, 'hbm_bytes_per_device': 16 * 2**30,
+            'compile_s': 60.0,
             'bytes_per_device': {'argument': fixed, 'output': 0 if fits else None,
                                  'alias': 0 if fits else None,
                                  'generated_code': 0 if fits else None,
@@ -107,12 +109,13 @@ def _fake_compiles(monkeypatch, needed_gib, reports_bytes=True):
     (lambda b: 20 + b, True, None),  # Nothing fits.
 ])
 def test_max_batch_is_proven_by_a_fit_and_the_miss_one_multiple_above(
-    monkeypatch, needed_gib, reports_bytes, expected):
+    monkeypatch, caplog, needed_gib, reports_bytes, expected):
   """The search over multiples of the device count (4) with a memory model instead of compiles."""
   calls = _fake_compiles(monkeypatch, needed_gib, reports_bytes)
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config()  # Global batch 16: the first probe.
-  result = tpu_compile.max_batch(config, 'v5e-4', devices=[object()] * 4)
+  with caplog.at_level(logging.INFO):
+    result = tpu_compile.max_batch(config, 'v5e-4', devices=[object()] * 4)
   best = max([b for b in range(4, 4096, 4) if needed_gib(b) <= 16], default=0)
   assert result['max_batch'] == best and calls[0] == 16
   assert result['probes'].get(best, True) and not result['probes'][best + 4]
@@ -121,6 +124,11 @@ def test_max_batch_is_proven_by_a_fit_and_the_miss_one_multiple_above(
     assert calls == expected
   if best:
     assert result['batch_size'] == best
+  # A line per probe as it ends: the batch, its fit, and what is proven so far.
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('--max_batch:')]
+  assert len(lines) == len(calls)
+  assert lines[0].startswith(f'--max_batch: global batch {calls[0]} needs ')
+  assert lines[-1].endswith(f"largest fit so far {best or 'none'}, smallest miss {best + 4}")
 
 
 def test_every_slice_name_resolves_and_v5litepod_names_are_v5e():
