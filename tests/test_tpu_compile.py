@@ -104,6 +104,9 @@ def _fake_compiles(monkeypatch, needed_gib, reports_bytes=True):
 
 @pytest.mark.parametrize('needed_gib,reports_bytes,expected', [
     (lambda b: 2 + 0.3 * b, True, [16, 48, 44]),  # Linear: one fit, one miss, one fit.
+    # Slower than linear, as XLA:TPU's temporaries are: the line's guess (72) fits, so the next
+    # probe doubles (144, a miss) instead of creeping up along the line one fit at a time.
+    (lambda b: 1.3 + 0.55 * b**0.7, True, [16, 72, 144, 112, 108]),
     (lambda b: 2 + 0.3 * b, False, None),  # Misses that report no bytes: bisection.
     (lambda b: 2 + 0.006 * b * b, True, None),  # Not linear: more probes, same answer.
     (lambda b: 20 + b, True, None),  # Nothing fits.
