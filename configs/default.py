@@ -99,6 +99,13 @@ def get_config() -> ml_collections.ConfigDict:
   # square of half the size). For small data sets, where D memorizes the real images: the paper
   # recommends 'color,translation,cutout' for about 10% of a data set. '': off (the SAGAN recipe).
   train.augment = ''
+  # Consistency regularization of D (sagan_jax/regularizers.py): weight * mean squared change of
+  # D's logit when an image is transformed by `consistency_augment` (a DiffAugment policy). CR
+  # (Zhang et al. 2020) regularizes the real images (their weight 10); bCR (Zhao et al. 2021) also
+  # the fakes. Each costs one more D forward and backward per image. 0: off (the SAGAN recipe).
+  train.consistency_weight = 0.0  # Real images (CR).
+  train.consistency_fake_weight = 0.0  # Fake images (bCR).
+  train.consistency_augment = 'translation'  # The transform T, drawn per image.
   # Progressive growing (model.progressive_resolutions): the G step at which each stage after the
   # first begins, increasing, within (0, num_steps); one per later stage.
   train.progressive_stage_steps = ()

@@ -102,23 +102,27 @@ def cutout(rng: jax.Array, images: jax.Array, ratio: float = CUTOUT_RATIO) -> ja
 POLICIES = {'color': color, 'translation': translation, 'cutout': cutout}
 
 
-def parse_policy(policy: Optional[str]) -> Tuple[str, ...]:
-  """'color,translation' -> ('color', 'translation'); '' or None -> (); ConfigError if unknown."""
+def parse_policy(policy: Optional[str], field: str = 'train.augment') -> Tuple[str, ...]:
+  """'color,translation' -> ('color', 'translation'); '' or None -> (); ConfigError if unknown.
+
+  `field` is the config field the policy came from, named in the error.
+  """
   names = tuple(name.strip() for name in (policy or '').split(',') if name.strip())
   unknown = [name for name in names if name not in POLICIES]
   if unknown:
-    raise ConfigError(f"unknown train.augment policy '{unknown[0]}': set --config.train.augment "
-                      f"to '' (off) or comma-separated names from {', '.join(POLICIES)} (e.g. "
+    off = "'' (off) or " if field == 'train.augment' else ''
+    raise ConfigError(f"unknown {field} policy '{unknown[0]}': set --config.{field} to {off}"
+                      f"comma-separated names from {', '.join(POLICIES)} (e.g. "
                       "'color,translation,cutout')")
   return names
 
 
-def create_augment(policy: Optional[str]) -> Optional[Augment]:
+def create_augment(policy: Optional[str], field: str = 'train.augment') -> Optional[Augment]:
   """`augment(rng, images) -> images` applying the policy's ops in order; None when it is empty.
 
-  Op i of the policy draws from fold_in(rng, i).
+  Op i of the policy draws from fold_in(rng, i); `field` as in parse_policy.
   """
-  ops = tuple(POLICIES[name] for name in parse_policy(policy))
+  ops = tuple(POLICIES[name] for name in parse_policy(policy, field))
   if not ops:
     return None
 

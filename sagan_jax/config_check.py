@@ -67,6 +67,8 @@ RANGES = {
     'train.adam_eps': (POSITIVE, '1e-8'),
     'train.ema_decay': (Range(0, 1.0000001), '0.9999 (1 freezes the EMA)'),
     'train.ema_start_step': (OFF_OR_COUNT, '1000'),
+    'train.consistency_weight': (Range(0), '0 (off) or 10'),
+    'train.consistency_fake_weight': (Range(0), '0 (off) or 10'),
     'train.progressive_fade_steps': (OFF_OR_COUNT, '0 (no fade-in) or 500'),
     'log_every_steps': (COUNT, '100'),
     'sample_every_steps': (COUNT, '5000'),
@@ -112,6 +114,7 @@ def _check_choices(config) -> None:
   from sagan_jax import losses
   from sagan_jax import models
   from sagan_jax import progressive
+  from sagan_jax import regularizers
   from sagan_jax import train
   data = config.data
   if data.name not in DATA_SOURCES:
@@ -128,6 +131,7 @@ def _check_choices(config) -> None:
   losses.get_adversarial_loss(config.train.loss)
   train.check_on_nonfinite(config.train.on_nonfinite)
   augment.parse_policy(config.train.get('augment', ''))
+  regularizers.d_regularizers_from_config(config.train)
   batch, accum = config.train.batch_size, config.train.grad_accum_steps
   if batch % accum:
     raise ConfigError(f'train.batch_size={batch} does not split into train.grad_accum_steps='

@@ -14,7 +14,8 @@ Where new training ideas enter (`StepHooks`):
   `hooks_from_config` puts here.
 - `d_regularizers` / `g_regularizers`: extra loss terms `reg(inputs: LossInputs, rng) ->
   (scalar, metrics)` added to D's or G's loss (R1, consistency regularization, orthogonal
-  regularization); their metrics join the step's.
+  regularization); their metrics join the step's. `train.consistency_weight` puts
+  sagan_jax.regularizers' (b)CR among D's.
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from sagan_jax import latents
 from sagan_jax import losses
 from sagan_jax import models
 from sagan_jax import progressive
+from sagan_jax import regularizers
 from sagan_jax import sharding
 from sagan_jax.layers import SPECTRAL
 from sagan_jax.errors import ConfigError
@@ -343,8 +345,9 @@ def train_step(ctx: StepContext, state: GANTrainState, batch: Batch
 
 
 def hooks_from_config(config) -> StepHooks:
-  """The StepHooks a config asks for: `train.augment`'s DiffAugment policy ('' or unset: none)."""
-  return StepHooks(augment=augment_lib.create_augment(config.train.get('augment', '')))
+  """The config's StepHooks: `train.augment`'s DiffAugment and `train.consistency_weight`'s CR."""
+  return StepHooks(augment=augment_lib.create_augment(config.train.get('augment', '')),
+                   d_regularizers=regularizers.d_regularizers_from_config(config.train))
 
 
 def create_step_context(config, generator: models.Generator,
