@@ -248,8 +248,9 @@ def _next_probe(reports, good: int, bad: Optional[int], top: int) -> Optional[in
     per_multiple = max(total(good) - fixed, 1) / good
     # XLA:TPU's temporaries grow slower than the batch (ImageNet-128 on a v5e-8: 0.13 GiB per
     # image per chip at 32, 0.07 at 200), so the line through a fit falls short. After a fit that
-    # the line had placed past the HBM, double the batch: a miss comes within few probes.
-    beyond = len(reports) > 1 and max(reports) == good
+    # the line had placed past the HBM (every probe after the first; with no miss yet each one
+    # fit), double the batch: a miss comes within few probes.
+    beyond = len(reports) > 1
     return min(high, max(good + 1, int((hbm - fixed) / per_multiple) + 1,
                          2 * good if beyond else 0))
   if not good:  # Only misses: bytes as if all of them grew with the batch (low, so a fit).
