@@ -39,11 +39,11 @@ def consistency(real_weight: float, fake_weight: float, policy: str):
     logits = inputs.logits[:count].astype(jnp.float32)
     moved = inputs.discriminator(transform(rng, images), labels).astype(jnp.float32)
     squares = jnp.square(moved - logits)
-    real, fake = jnp.mean(squares[:num_real]), jnp.mean(squares[num_real:])
-    term = real_weight * real + (fake_weight * fake if fake_weight else 0.0)
-    metrics = {'train/d_consistency_real': real}
-    if fake_weight:
-      metrics['train/d_consistency_fake'] = fake
+    real = jnp.mean(squares[:num_real])
+    term, metrics = real_weight * real, {'train/d_consistency_real': real}
+    if fake_weight:  # bCR: the fakes were transformed too.
+      fake = jnp.mean(squares[num_real:])
+      term, metrics['train/d_consistency_fake'] = term + fake_weight * fake, fake
     return term, metrics
 
   return regularizer
