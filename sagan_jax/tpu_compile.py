@@ -147,7 +147,8 @@ def compile_for_slice(config, name: str, devices=None) -> Dict[str, Any]:
   except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that cannot fit.
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
-    return {**report, **_out_of_memory(str(e)), 'compile_s': time.perf_counter() - start}
+    return {**report, **_out_of_memory(str(e), report['hbm_bytes_per_device']),
+            'compile_s': time.perf_counter() - start}
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   fields = {f: int(getattr(memory, f'{f}_size_in_bytes'))
@@ -176,12 +177,23 @@ def compile_for_slice(config, name: str, devices=None) -> Dict[str, Any]:
 _UNITS = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
-def _out_of_memory(message: str) -> Dict[str, Any]:
-  """The report fields of a compile that XLA refused for lack of HBM."""
+def _out_of_memory(message: str, hbm_bytes: int) -> Dict[str, Any]:
+  """The report fields of a compile that XLA refused for lack of HBM.
+
+  XLA:TPU's quick refusal names the HLO temporaries' bytes and the HBM left for them once the
+  arguments, outputs and code are placed ("the total memory required for HLO temporaries (X)
+  exceeds available HBM (Y)"): the footprint is X plus what is already placed (the device's HBM
+  less Y), not X alone, which can be below the HBM. A refusal without those figures (one that
+  comes after a full compile) gives no total.
+  """
   line = next((x for x in message.splitlines() if 'RESOURCE_EXHAUSTED' in x), message)
+  gib = lambda m: int(float(m.group(1)) * _UNITS[m.group(2)])
   needed = re.search(r'required[^(]*\(([\d.]+)([KMGT])\)', line)
-  total = int(float(needed.group(1)) * _UNITS[needed.group(2)]) if needed else None
-  return {'bytes_per_device': {'argument': None, 'output': None, 'alias': None, 'temp': None,
+  available = re.search(r'available[^(]*\(([\d.]+)([KMGT])\)', line)
+  temp = gib(needed) if needed else None
+  placed = max(hbm_bytes - gib(available), 0) if available else 0
+  total = temp + placed if temp is not None else None
+  return {'bytes_per_device': {'argument': None, 'output': None, 'alias': None, 'temp': temp,
                                'generated_code': None, 'total': total},
           'fits': False, 'compile_error': line.strip()[:300], 'flops_per_step': None,
           'flops_source': None, 'estimated_step_seconds': None}

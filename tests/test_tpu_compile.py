@@ -77,8 +77,19 @@ def test_multi_host_slice_compiles_and_reports_a_batch_that_cannot_fit(reports):
 def test_out_of_memory_message_gives_the_bytes_needed():
   fields = tpu_compile._out_of_memory(
       'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
-      'temporaries (309.16G) exceeds available HBM (15.75G).')
-  assert fields['bytes_per_device']['total'] == int(309.16 * 2**30) and not fields['fits']
+      'temporaries (309.16G) exceeds available HBM (15.75G).', 16 * 2**30)
+  b = fields['bytes_per_device']
+  assert b['temp'] == int(309.16 * 2**30) and not fields['fits']
+  # The footprint is the temporaries plus what is placed before them (16 - 15.75 GiB).
+  assert b['total'] == int(309.16 * 2**30) + int(0.25 * 2**30)
+  # Temporaries below the HBM that still do not fit beside the state: the total says so.
+  fields = tpu_compile._out_of_memory(
+      'RESOURCE_EXHAUSTED: the total memory required for HLO temporaries (15.25G) exceeds '
+      'available HBM (14.50G).', 16 * 2**30)
+  assert fields['bytes_per_device']['total'] == int(16.75 * 2**30)
+  # A refusal without the figures: no total rather than a wrong one.
+  fields = tpu_compile._out_of_memory('RESOURCE_EXHAUSTED: Ran out of memory.', 16 * 2**30)
+  assert fields['bytes_per_device']['total'] is None and not fields['fits']
 
 
 def _fake_compiles(monkeypatch, needed_gib, reports_bytes=True):
