@@ -18,6 +18,9 @@ def get_config():
   config.cpu_devices = 2  # The step runs 1.6x faster as 2 CPU devices on 2 cores (README).
   config.model.ch = 8  # 4 * 8 = 32 channels in every block.
   config.model.g_attention = (16,)
+  # BigGAN's orthogonal init instead of the authors' Glorot uniform: on 10,000 samples,
+  # fd_classifier 19.4 against 23.9 (seed 0) and 27.1 against 34.8 (seed 1) (docs/demo.md).
+  config.model.init = 'orthogonal'
   config.model.d_attention = (16,)
   # Small batches: more updates in the 15-minute budget. Measured on 2 cores (README): batch 16
   # scored better than 32 and 8 for the same time, and 1 D step per G step better than 2.

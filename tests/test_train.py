@@ -44,6 +44,10 @@ def setup():
   # in exact arithmetic; the default eps (1e-8) would blow their float noise up to +-lr, and that
   # noise depends on the reduction order. eps = 1e-4 keeps noise at noise size.
   config.train.adam_eps = 1e-4
+  # Glorot init, not the demo's orthogonal one: an orthogonal W has every singular value 1, so
+  # each spectral-norm vector u is already a fixed point of the power iteration and step 1 could
+  # not show it advancing (test_mutable_state_and_ema_advance).
+  config.model.init = 'xavier'
   generator, discriminator = models.create_models(config)
   mesh8 = sharding.create_mesh()
   mesh1 = sharding.create_mesh(jax.devices()[:1])
