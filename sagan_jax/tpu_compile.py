@@ -187,11 +187,11 @@ def _out_of_memory(message: str, hbm_bytes: int) -> Dict[str, Any]:
   comes after a full compile) gives no total.
   """
   line = next((x for x in message.splitlines() if 'RESOURCE_EXHAUSTED' in x), message)
-  gib = lambda m: int(float(m.group(1)) * _UNITS[m.group(2)])
+  to_bytes = lambda m: int(float(m.group(1)) * _UNITS[m.group(2)])
   needed = re.search(r'required[^(]*\(([\d.]+)([KMGT])\)', line)
   available = re.search(r'available[^(]*\(([\d.]+)([KMGT])\)', line)
-  temp = gib(needed) if needed else None
-  placed = max(hbm_bytes - gib(available), 0) if available else 0
+  temp = to_bytes(needed) if needed else None
+  placed = max(hbm_bytes - to_bytes(available), 0) if available else 0
   total = temp + placed if temp is not None else None
   return {'bytes_per_device': {'argument': None, 'output': None, 'alias': None, 'temp': temp,
                                'generated_code': None, 'total': total},
