@@ -183,7 +183,7 @@ def _out_of_memory(message: str, hbm_bytes: int) -> Dict[str, Any]:
   XLA:TPU's quick refusal names the HLO temporaries' bytes and the HBM left for them once the
   arguments, outputs and code are placed ("the total memory required for HLO temporaries (X)
   exceeds available HBM (Y)"): the footprint is X plus what is already placed (the device's HBM
-  less Y), not X alone, which can be below the HBM. A refusal without those figures (one that
+  less Y), not X alone, which can be below the HBM. A refusal without both figures (one that
   comes after a full compile) gives no total.
   """
   line = next((x for x in message.splitlines() if 'RESOURCE_EXHAUSTED' in x), message)
@@ -191,8 +191,7 @@ def _out_of_memory(message: str, hbm_bytes: int) -> Dict[str, Any]:
   needed = re.search(r'required[^(]*\(([\d.]+)([KMGT])\)', line)
   available = re.search(r'available[^(]*\(([\d.]+)([KMGT])\)', line)
   temp = to_bytes(needed) if needed else None
-  placed = max(hbm_bytes - to_bytes(available), 0) if available else 0
-  total = temp + placed if temp is not None else None
+  total = temp + max(hbm_bytes - to_bytes(available), 0) if needed and available else None
   return {'bytes_per_device': {'argument': None, 'output': None, 'alias': None, 'temp': temp,
                                'generated_code': None, 'total': total},
           'fits': False, 'compile_error': line.strip()[:300], 'flops_per_step': None,

@@ -87,6 +87,11 @@ def test_out_of_memory_message_gives_the_bytes_needed():
       'RESOURCE_EXHAUSTED: the total memory required for HLO temporaries (15.25G) exceeds '
       'available HBM (14.50G).', 16 * 2**30)
   assert fields['bytes_per_device']['total'] == int(16.75 * 2**30)
+  # Temporaries without the HBM left for them: no total rather than one that leaves out the state.
+  fields = tpu_compile._out_of_memory(
+      'RESOURCE_EXHAUSTED: the total memory required for HLO temporaries (15.25G).', 16 * 2**30)
+  b = fields['bytes_per_device']
+  assert b['temp'] == int(15.25 * 2**30) and b['total'] is None and not fields['fits']
   # A refusal without the figures: no total rather than a wrong one.
   fields = tpu_compile._out_of_memory('RESOURCE_EXHAUSTED: Ran out of memory.', 16 * 2**30)
   assert fields['bytes_per_device']['total'] is None and not fields['fits']
