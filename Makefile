@@ -44,9 +44,12 @@ $(LIBTPU_STAMP): requirements-tpu-compile.txt $(STAMP)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(LIBTPU_DIR) -r requirements-tpu-compile.txt
 	touch $(LIBTPU_STAMP)
 
+# Two pytest workers, a test file each at a time (module fixtures compile once per file); the ten
+# slowest tests are listed at the end. TEST_WORKERS=0 runs the files in this process.
+TEST_WORKERS ?= 2
 test: setup $(LIBTPU_STAMP)
 	SAGAN_LIBTPU_DIR=$(abspath $(LIBTPU_DIR)) XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-	  $(PY) -m pytest
+	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 # Installs Debian's dataset-fashion-mnist when its files are missing and apt-get can be used.
 fashion-mnist:
