@@ -21,10 +21,12 @@ v5e-8 / v5litepod-8, v5e-16, v5p-8, v6e-8, ...) compiles, without running, the s
 slice with libtpu's compile-only client (JAX stays on the CPU) and reports per device the
 argument, output, temporary and code bytes, the total against the chip's HBM and whether it fits,
 XLA's FLOPs per step, XLA's cost-model step time (an estimate) and the compile time; with
-`--max_batch` it searches the largest global batch that fits (one compile per probe):
+`--max_batch` it searches the largest global batch that fits (one compile per probe; with
+`--json_out=F` the probes go to F.probes.jsonl as they end, and the same command started again
+after an interruption resumes the search from them):
 
   python -m sagan_jax.benchmark --config=configs/imagenet.py --config.model.dtype=bfloat16 \
-      --topology=v5e-8 --max_batch
+      --topology=v5e-8 --max_batch --json_out=v5e-8.json
 
 The input pipeline alone, without the model: `--input_only` times the config's real training
 iterator (images/s, per host core) and, with `--resume_at=0,0.5,0.99`, the time to its first batch
@@ -66,7 +68,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                     'iterator resumed at these shares of an epoch (e.g. 0,0.5,0.99).',
                     flag_values=fv)
   flags.DEFINE_bool('max_batch', False, 'With --topology: search the largest global batch that '
-                    'fits the slice (one compile per probe).', flag_values=fv)
+                    'fits the slice (one compile per probe). With --json_out=F each probe is '
+                    'also appended to F.probes.jsonl as it ends, and a search started again with '
+                    'the same F and config compiles only the probes not found there.',
+                    flag_values=fv)
 
 
 def benchmark(fv: flags.FlagValues) -> int:
@@ -84,8 +89,11 @@ def benchmark(fv: flags.FlagValues) -> int:
     tpu_compile.check_libtpu()
     config_check.check_config(fv.config)
     jax.config.update('jax_platforms', 'cpu')  # libtpu compiles; nothing runs on a TPU.
-    results = (tpu_compile.max_batch if fv.max_batch else tpu_compile.compile_for_slice)(
-        fv.config, fv.topology)
+    if fv.max_batch:
+      results = tpu_compile.max_batch(fv.config, fv.topology, journal=fv.json_out and (
+          fv.json_out + '.probes.jsonl'))
+    else:
+      results = tpu_compile.compile_for_slice(fv.config, fv.topology)
     print(tpu_compile.format_report(results))
   else:
     if fv.max_batch:

@@ -14,6 +14,9 @@ measurement.
 """
 
 import dataclasses
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
 import time
@@ -198,7 +201,8 @@ def _out_of_memory(message: str, hbm_bytes: int) -> Dict[str, Any]:
           'flops_source': None, 'estimated_step_seconds': None}
 
 
-def max_batch(config, name: str, devices=None, limit: int = 1 << 16) -> Dict[str, Any]:
+def max_batch(config, name: str, devices=None, limit: int = 1 << 16,
+              journal: Optional[str] = None) -> Dict[str, Any]:
   """The largest global batch (a multiple of the device count) whose step fits the slice.
 
   A compile that fits takes minutes, one that XLA refuses takes seconds and still reports the
@@ -211,6 +215,11 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16) -> Dict[str
   both proven: `max_batch` fits and `max_batch` + one multiple does not. Returns the report of
   the largest fit with `max_batch` and the probes ({batch: fits}); `max_batch` is 0 when one
   batch per device does not fit.
+
+  A search takes hours on a few cores. With `journal` (a file path) each probe's report is
+  appended to it as the probe ends, and a search of the same config, slice, jax and libtpu
+  started again reuses the probes found there: it takes the same path and compiles only what
+  the interrupted one had not.
   """
   devices = slice_devices(name) if devices is None else devices
   unit = len(devices) * config.train.grad_accum_steps
@@ -219,14 +228,22 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16) -> Dict[str
   reports: Dict[int, Dict[str, Any]] = {}
   good, bad = 0, None
   multiple = min(top, max(1, config.train.batch_size // unit))
+  key = _search_key(config, name) if journal else None
+  done = _read_journal(journal, key) if journal else {}
   while True:
     probe = config.copy_and_resolve_references()
     with probe.unlocked():
       probe.train.batch_size = multiple * unit
-    reports[multiple] = compile_for_slice(probe, name, devices)
+    reused = multiple * unit in done
+    if reused:
+      reports[multiple] = done[multiple * unit]
+    else:
+      reports[multiple] = compile_for_slice(probe, name, devices)
+      if journal:
+        _append_journal(journal, key, reports[multiple])
     probes[multiple * unit] = reports[multiple]['fits']
     good, bad = (multiple, bad) if probes[multiple * unit] else (good, multiple)
-    logging.info('%s', _probe_line(reports[multiple], good * unit, bad and bad * unit))
+    logging.info('%s', _probe_line(reports[multiple], good * unit, bad and bad * unit, reused))
     multiple = _next_probe(reports, good, bad, top)
     if multiple is None:
       break
@@ -235,13 +252,57 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16) -> Dict[str
   return result
 
 
-def _probe_line(report: Dict[str, Any], fits: int, misses: Optional[int]) -> str:
+def _search_key(config, name: str) -> str:
+  """What a probe's bytes depend on besides the batch: the config, the slice, jax, libtpu."""
+  import jax  # pylint: disable=g-import-not-at-top
+  probe = config.copy_and_resolve_references()
+  with probe.unlocked():
+    probe.train.batch_size = 0
+  try:
+    libtpu = importlib.metadata.version('libtpu')
+  except importlib.metadata.PackageNotFoundError:
+    libtpu = None
+  text = json.dumps([name, probe.to_json_best_effort(sort_keys=True), jax.__version__, libtpu])
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_journal(path: str, key: str) -> Dict[int, Dict[str, Any]]:
+  """The reports of `path` written under `key`, by global batch."""
+  reports = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          entry = json.loads(line)
+        except json.JSONDecodeError:  # The line a killed search was writing.
+          continue
+        if isinstance(entry, dict) and entry.get('key') == key:
+          reports[entry['report']['batch_size']] = entry['report']
+  return reports
+
+
+def _append_journal(path: str, key: str, report: Dict[str, Any]) -> None:
+  """One report as one line, on disk before the search goes on."""
+  torn = False
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb') as f:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b'\n'  # A line cut off by a kill: end it, so that this one parses.
+  with open(path, 'a') as f:
+    f.write(('\n' if torn else '') + json.dumps({'key': key, 'report': report}) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _probe_line(report: Dict[str, Any], fits: int, misses: Optional[int],
+                reused: bool = False) -> str:
   """One probe of the search, and what is proven so far (a search can take an hour)."""
   total = report['bytes_per_device']['total']
   needed = f'{total / 2**30:.2f} GiB of' if total else 'more than'
+  how = 'from the journal, compiled earlier in' if reused else 'compiled in'
   return (f"--max_batch: global batch {report['batch_size']} needs {needed} the device's "
           f"{report['hbm_bytes_per_device'] / 2**30:.2f} GiB: "
-          f"{'fits' if report['fits'] else 'does not fit'} (compiled in "
+          f"{'fits' if report['fits'] else 'does not fit'} ({how} "
           f"{report['compile_s']:.0f} s); largest fit so far {fits or 'none'}, smallest miss "
           f"{misses or 'none yet'}")
 

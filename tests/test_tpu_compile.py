@@ -150,6 +150,44 @@ def test_max_batch_is_proven_by_a_fit_and_the_miss_one_multiple_above(
   assert lines[-1].endswith(f"largest fit so far {best or 'none'}, smallest miss {best + 4}")
 
 
+def test_an_interrupted_search_resumes_from_its_journal_and_compiles_only_the_rest(
+    monkeypatch, caplog, tmp_path):
+  needed_gib = lambda b: 1.3 + 0.55 * b**0.7  # Five probes: 16, 72, 144, 112, 108.
+  calls = _fake_compiles(monkeypatch, needed_gib)
+  from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config, devices, journal = fashion_mnist.get_config(), [object()] * 4, str(tmp_path / 'j')
+  uninterrupted = tpu_compile.max_batch(config, 'v5e-4', devices=devices)
+  path, calls[:] = list(calls), []
+  compile_probe = tpu_compile.compile_for_slice
+
+  def killed_after_two(*args):
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # Ctrl-C, or a kill, during the third compile.
+    return compile_probe(*args)
+
+  monkeypatch.setattr(tpu_compile, 'compile_for_slice', killed_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal)
+  with open(journal, 'a') as f:
+    f.write('{"key": "a line cut off')  # As a kill during a write would leave it.
+  monkeypatch.setattr(tpu_compile, 'compile_for_slice', compile_probe)
+  calls[:] = []
+  with caplog.at_level(logging.INFO):
+    resumed = tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal)
+  assert calls == path[2:] and resumed == uninterrupted
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('--max_batch:')]
+  assert ['from the journal' in line for line in lines] == [True, True, False, False, False]
+  # Every probe is in the journal now: a third start compiles nothing.
+  calls[:] = []
+  assert tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal) == resumed
+  assert not calls
+  # Another config (or slice, jax, libtpu) reuses none of them.
+  with config.unlocked():
+    config.model.ch = 16
+  tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal)
+  assert calls == path
+
+
 def test_every_slice_name_resolves_and_v5litepod_names_are_v5e():
   assert tpu_compile.SLICES['v5litepod-8'] == tpu_compile.SLICES['v5e-8']
   assert tpu_compile.get_slice('v4-32').hosts == 4

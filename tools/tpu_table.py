@@ -4,7 +4,8 @@
       [--topologies=v5e-8,v4-8] [--max_batch] [--dry-run]
 
 Each row is one `python -m sagan_jax.benchmark --topology=...` run (a subprocess, JSON kept in
---out, reused when it is already there); at the end the markdown table is printed. A full-size
+--out, reused when it is already there; an interrupted --max_batch search resumes from the probes
+kept beside it in JSON.probes.jsonl); at the end the markdown table is printed. A full-size
 compile takes minutes on a few CPU cores and `--max_batch` several compiles per row: run it on a
 machine with cores to spare, or a subset with --rows and --topologies.
 """
