@@ -79,9 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.grad_accum_steps = 1
   train.g_lr = 1e-4  # G's Adam learning rate (TTUR).
   train.d_lr = 4e-4  # D's Adam learning rate (TTUR).
-  # From this G step on, both learning rates fall linearly to zero at num_steps (0: constant, as
-  # in the paper). Short runs end steadier with it; it changes no state, so it can be set on resume.
+  # From this G step on, both learning rates fall linearly to lr_decay_end_factor times their value
+  # (0: to zero) at num_steps (0: constant, as in the paper). Short runs end steadier with it; it
+  # changes no state, so it can be set on resume.
   train.lr_decay_start_step = 0
+  train.lr_decay_end_factor = 0.0  # The rates' factor at num_steps (0: they end at zero).
   train.beta1 = 0.0  # Adam beta1 for both networks.
   # Adam beta2: the authors' code runs TF's default 0.999; the paper's text says 0.9.
   train.beta2 = 0.999

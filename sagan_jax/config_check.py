@@ -62,6 +62,7 @@ RANGES = {
     'train.g_lr': (POSITIVE, '1e-4'),
     'train.d_lr': (POSITIVE, '4e-4'),
     'train.lr_decay_start_step': (OFF_OR_COUNT, '0 (constant rates)'),
+    'train.lr_decay_end_factor': (FRACTION, '0.0 (down to zero)'),
     'train.beta1': (FRACTION, '0.0'),
     'train.beta2': (FRACTION, '0.999'),
     'train.adam_eps': (POSITIVE, '1e-8'),

@@ -109,8 +109,9 @@ class StepContext:
 def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
   """The learning-rate factor of a G step (train.lr_decay_start_step), or None when constant.
 
-  From step `lr_decay_start_step` (G steps) on, both learning rates fall linearly to reach zero at
-  `num_steps` (the last step still moves by 1 / (num_steps - start) of the full rate). Before it,
+  From step `lr_decay_start_step` (G steps) on, both learning rates fall linearly to reach
+  `lr_decay_end_factor` times their value (0 by default) at `num_steps` (with 0 the last step
+  still moves by 1 / (num_steps - start) of the full rate). Before it,
   and with 0 (the paper, the default), the rates are constant. The D steps of a G step share its
   factor. Scaling Adam's update is scaling its learning rate, so the optimizer states are the
   same with and without decay: a run can turn it on when resumed.
@@ -122,8 +123,11 @@ def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
   if not start or start >= num_steps:
     return None
 
+  end = float(train_config.get('lr_decay_end_factor', 0.0))
+
   def scale(step: jax.Array) -> jax.Array:
-    return jnp.clip((num_steps - step) / (num_steps - start), 0.0, 1.0).astype(jnp.float32)
+    left = jnp.clip((num_steps - step) / (num_steps - start), 0.0, 1.0)
+    return (end + (1.0 - end) * left).astype(jnp.float32)
 
   return scale
 

@@ -586,6 +586,10 @@ def test_lr_scale_falls_linearly_to_zero_at_the_last_step():
   scale = train.lr_scale_fn(config.train)
   np.testing.assert_allclose([float(scale(jnp.int32(s))) for s in (0, 5, 6, 7, 8, 9)],
                              [1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
+  config.train.lr_decay_end_factor = 0.5  # To half the rates instead of zero.
+  scale = train.lr_scale_fn(config.train)
+  np.testing.assert_allclose([float(scale(jnp.int32(s))) for s in (5, 6, 7, 8, 9, 10)],
+                             [1.0, 1.0, 0.875, 0.75, 0.625, 0.5])
   config.train.lr_decay_start_step = -1
   with pytest.raises(ConfigError, match='lr_decay_start_step=-1: use 0'):
     train.lr_scale_fn(config.train)
