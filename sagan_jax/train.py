@@ -10,8 +10,7 @@ step's numbers do not depend on how it is sharded.
 Where new training ideas enter (`StepHooks`):
 - `augment(rng, images) -> images` transforms every image D sees: real and fake in the D steps,
   fake in the G step, inside the differentiated function, so G's gradient flows through it
-  (DiffAugment, ADA). `train.augment` names a DiffAugment policy (sagan_jax.augment) that
-  `hooks_from_config` puts here.
+  (DiffAugment, ADA); `hooks_from_config` puts `train.augment`'s policy (sagan_jax.augment) here.
 - `d_regularizers` / `g_regularizers`: extra loss terms `reg(inputs: LossInputs, rng) ->
   (scalar, metrics)` added to D's or G's loss (R1, consistency regularization, orthogonal
   regularization); their metrics join the step's. `train.consistency_weight` puts
@@ -109,21 +108,19 @@ class StepContext:
 def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
   """The learning-rate factor of a G step (train.lr_decay_start_step), or None when constant.
 
-  From step `lr_decay_start_step` (G steps) on, both learning rates fall linearly to reach
-  `lr_decay_end_factor` times their value (0 by default) at `num_steps` (with 0 the last step
-  still moves by 1 / (num_steps - start) of the full rate). Before it,
-  and with 0 (the paper, the default), the rates are constant. The D steps of a G step share its
-  factor. Scaling Adam's update is scaling its learning rate, so the optimizer states are the
-  same with and without decay: a run can turn it on when resumed.
+  From G step `lr_decay_start_step` on, both rates fall linearly to `lr_decay_end_factor` times
+  their value at `num_steps` (0 by default: the last step still moves by 1 / (num_steps - start)
+  of the full rate); before it, and with 0 (the paper), they are constant. The D steps of a G
+  step share its factor. Scaling Adam's update is scaling its learning rate, so the optimizer
+  states are the same with and without decay: a run can turn it on when resumed.
   """
   start, num_steps = train_config.get('lr_decay_start_step', 0), train_config.num_steps
+  end = float(train_config.get('lr_decay_end_factor', 0.0))
   if start < 0:
     raise ConfigError(f'train.lr_decay_start_step={start}: use 0 (constant learning rates) or the '
                       f'G step at which the decay to zero at train.num_steps={num_steps} begins')
   if not start or start >= num_steps:
     return None
-
-  end = float(train_config.get('lr_decay_end_factor', 0.0))
 
   def scale(step: jax.Array) -> jax.Array:
     left = jnp.clip((num_steps - step) / (num_steps - start), 0.0, 1.0)
@@ -307,9 +304,8 @@ def g_step(ctx: StepContext, state: GANTrainState, batch_size: int, rng: jax.Arr
 
 def _scaled(ctx: StepContext, updates, step: jax.Array):
   """Adam's updates times the learning-rate factor of `step` (train.lr_decay_start_step)."""
-  if ctx.lr_scale is None:
-    return updates
-  return jax.tree.map(lambda u: u * ctx.lr_scale(step), updates)
+  scale = ctx.lr_scale
+  return updates if scale is None else jax.tree.map(lambda u: u * scale(step), updates)
 
 
 def train_step(ctx: StepContext, state: GANTrainState, batch: Batch

@@ -172,6 +172,7 @@ def test_an_interrupted_search_resumes_from_its_journal_and_compiles_only_the_re
     f.write('{"key": "a line cut off')  # As a kill during a write would leave it.
   monkeypatch.setattr(tpu_compile, 'compile_for_slice', compile_probe)
   calls[:] = []
+  caplog.clear()  # The lines of the runs above, where an earlier test left absl at INFO.
   with caplog.at_level(logging.INFO):
     resumed = tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal)
   assert calls == path[2:] and resumed == uninterrupted
