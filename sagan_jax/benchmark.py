@@ -39,6 +39,7 @@ run where only jax, flax, optax and ml_collections are installed.
 """
 
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -82,6 +83,10 @@ def benchmark(fv: flags.FlagValues) -> int:
   from sagan_jax import distributed
   from sagan_jax import step_benchmark
   from sagan_jax import tpu_compile
+  if fv.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(fv.json_out))):
+    # Checked first: the file (and a search's probes beside it) is written after the compiles.
+    raise ConfigError(f'--json_out={fv.json_out}: its folder does not exist; create it or name '
+                      'a file in an existing folder')
   if fv.input_only:
     results = _input_only(fv)
   elif fv.topology:

@@ -118,7 +118,7 @@ def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
   end = float(train_config.get('lr_decay_end_factor', 0.0))
   if start < 0:
     raise ConfigError(f'train.lr_decay_start_step={start}: use 0 (constant learning rates) or the '
-                      f'G step at which the decay to zero at train.num_steps={num_steps} begins')
+                      f'G step at which the decay (it ends at train.num_steps={num_steps}) begins')
   if not start or start >= num_steps:
     return None
 

@@ -72,6 +72,8 @@ CASES = [
     ('main', lambda f: _train(f, '--config.train.d_lr=inf'), 'train.d_lr=inf'),
     ('main', lambda f: _train(f, '--config.train.ema_decay=1.5'), 'train.ema_decay=1.5'),
     ('main', lambda f: _train(f, '--config.train.beta2=1'), 'train.beta2=1.0'),
+    ('main', lambda f: _train(f, '--config.train.lr_decay_end_factor=1.5'),
+     'train.lr_decay_end_factor=1.5 is out of range'),
     ('main', lambda f: _train(f, '--config.log_every_steps=0'), 'log_every_steps=0'),
     ('main', lambda f: _train(f, '--config.keep_checkpoints=0'), 'keep_checkpoints=0'),
     ('main', lambda f: _train(f, '--config.checkpoint_every_minutes=-5'),
@@ -102,6 +104,8 @@ CASES = [
     ('benchmark', lambda f: ['benchmark', FM, '--topology=v9-8'],
      'unknown --topology=v9-8: use one of v4-16'),
     ('benchmark', lambda f: ['benchmark', FM, '--max_batch'], 'add --topology=NAME'),
+    ('benchmark', lambda f: ['benchmark', FM, f'--json_out={f["base"]}/nope/out.json'],
+     'its folder does not exist'),
     ('reference_stats', lambda f: ['reference_stats', FM], 'missing --out'),
     ('reference_stats', lambda f: [
         'reference_stats', FM, f'--config.data.fashion_mnist_dir={f["data"]}',
