@@ -40,7 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   data.max_examples = 0
 
   config.model = model = ml_collections.ConfigDict()
-  model.ch = 64  # Base width; each resolution's blocks use multiples of it (models.ARCHITECTURES).
+  model.ch = 64  # Base width; blocks use multiples of it (architectures.ARCHITECTURES).
+  # Channel multipliers of ch per map, in place of architectures.ARCHITECTURES' for the
+  # resolution (() keeps those). G: its 4x4 input map, then each block's output (4 numbers at
+  # 32 px, 6 at 128 px), e.g. '(8, 8, 4, 2)': wide at low resolution, narrow at high.
+  model.g_widths = ()
+  model.d_widths = ()  # D: each block's output (4 numbers at 32 px, 6 at 128 px).
   model.z_dim = 128  # Latent size; z ~ N(0, I).
   model.g_attention = (64,)  # G feature-map resolutions followed by self-attention (paper: 64).
   model.d_attention = (64,)  # D feature-map resolutions followed by self-attention (paper: 64).

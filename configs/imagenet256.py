@@ -7,7 +7,8 @@
 At 128x128 an attention layer has 16,384 queries and 4,096 keys: the full [N, M] float32 matrix
 is 256 MiB per image. 'auto' uses cuDNN's flash attention on GPUs in bfloat16 and the pure-JAX
 blockwise kernel elsewhere, both with memory linear in positions. The widths follow
-models.ARCHITECTURES[256] (BigGAN's table). tfds `imagenet2012` must be prepared (see README).
+architectures.ARCHITECTURES[256] (BigGAN's table). tfds `imagenet2012` must be prepared (see
+README).
 """
 
 from configs import default

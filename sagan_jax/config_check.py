@@ -109,11 +109,11 @@ def _check_ranges(config) -> None:
 
 def _check_choices(config) -> None:
   # pylint: disable=g-import-not-at-top  (the tools' --help and input_pipeline need only the names)
+  from sagan_jax import architectures
   from sagan_jax import augment
   from sagan_jax import checkpointing
   from sagan_jax import evaluation
   from sagan_jax import losses
-  from sagan_jax import models
   from sagan_jax import progressive
   from sagan_jax import regularizers
   from sagan_jax import train
@@ -127,7 +127,7 @@ def _check_choices(config) -> None:
   if data.name == 'folder' and not data.folder_dir:
     raise ConfigError("data.name is 'folder' but data.folder_dir is unset: set "
                       '--config.data.folder_dir=ROOT (one subfolder of images per class)')
-  models.check_model_config(config.model, data.resolution)
+  architectures.check_model_config(config.model, data.resolution)
   progressive.check_config(config)
   losses.get_adversarial_loss(config.train.loss)
   train.check_on_nonfinite(config.train.on_nonfinite)

@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from sagan_jax import architectures
 from sagan_jax import layers
 from sagan_jax import models
 from sagan_jax.errors import ConfigError
@@ -79,7 +80,7 @@ class Schedule:
 
 def schedule_from_config(config) -> Optional[Schedule]:
   """The config's schedule; None when `model.progressive_resolutions` is empty (no growing)."""
-  resolutions = models.progressive_resolutions(config.model)
+  resolutions = architectures.progressive_resolutions(config.model)
   if not resolutions:
     return None
   return Schedule(resolutions, tuple(config.train.get('progressive_stage_steps', ())),
@@ -89,13 +90,13 @@ def schedule_from_config(config) -> Optional[Schedule]:
 def check_config(config) -> None:
   """ConfigError naming the fix for stage starts and fades that do not fit the resolutions.
 
-  The resolutions themselves are models.check_model_config's.
+  The resolutions themselves are architectures.check_model_config's.
   """
   train_config = config.train
   steps = tuple(train_config.get('progressive_stage_steps', ()))
   fade = train_config.get('progressive_fade_steps', 0)
   num_steps = train_config.num_steps
-  resolutions = models.progressive_resolutions(config.model)
+  resolutions = architectures.progressive_resolutions(config.model)
   if not resolutions:
     if steps or fade:
       raise ConfigError('train.progressive_stage_steps / progressive_fade_steps are set but '
@@ -121,7 +122,7 @@ def check_config(config) -> None:
 def stage_models(config, index: int, output_resolution: int = 0):
   """(G, D) of stage `index`; G's images upsampled to `output_resolution` px when larger."""
   generator, discriminator = models.create_models(config)
-  resolution = models.progressive_resolutions(config.model)[index]
+  resolution = architectures.progressive_resolutions(config.model)[index]
   return (generator.clone(stage_resolution=resolution, output_resolution=output_resolution),
           discriminator.clone(stage_resolution=resolution))
 

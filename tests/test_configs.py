@@ -12,9 +12,9 @@ from configs import fashion_mnist_progressive
 from configs import imagenet
 from configs import imagenet256
 from configs import imagenet256_progressive
+from sagan_jax import architectures
 from sagan_jax import config_check
 from sagan_jax import losses
-from sagan_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def test_imagenet_config_takes_the_attention_placement():
                                     fashion_mnist_progressive, imagenet256_progressive])
 def test_every_config_builds(module):
   config = module.get_config()
-  models.check_model_config(config.model, config.data.resolution)
+  architectures.check_model_config(config.model, config.data.resolution)
   losses.get_adversarial_loss(config.train.loss)
   assert config.train.batch_size % 8 == 0
 
@@ -49,7 +49,7 @@ def test_imagenet256_has_attention_at_64_and_128_with_memory_efficient_kernels()
   assert config.model.g_attention == (64, 128) and config.model.d_attention == (64, 128)
   assert config.model.attention_impl in ('auto', 'blockwise')
   # 64 ch at D's 128x128 map: cuDNN's head size C/8 = 8 is a multiple of 8 (ch % 64 == 0).
-  assert set(models.attention_widths(config.model, 256)) == {256, 128, 64}
+  assert set(architectures.attention_widths(config.model, 256)) == {256, 128, 64}
 
 
 @pytest.mark.parametrize('grown,base,stages', [

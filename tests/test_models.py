@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from sagan_jax import architectures
 from sagan_jax import models
 from sagan_jax.errors import ConfigError
 
@@ -57,7 +58,7 @@ def test_shapes_and_ranges_at_every_resolution(resolution, attention):
 def test_both_attention_placements_build_at_128():
   for res in (32, 64):
     config = small_config(128, (res,), (res,))
-    models.check_model_config(config.model, 128)
+    architectures.check_model_config(config.model, 128)
   # The official code's 32x32 placement: G's 4ch block and D's 2ch block.
   config = default.get_config()
   config.model.g_attention, config.model.d_attention = (32,), (32,)
@@ -90,6 +91,37 @@ def test_d_attention_on_a_map_several_blocks_keep_is_placed_once():
   with nn.intercept_methods(record):
     discriminator.apply(d_vars, images, jnp.zeros((2,), jnp.int32), update_sn=False)
   assert calls == ['attention8', 'block2']
+
+
+def test_per_map_widths_replace_the_architecture_table():
+  """model.g_widths / d_widths: multipliers of ch per map, here wide at 4-8 px and narrow at 32.
+
+  G (ch 8, widths 64, 64, 32, 16): linear z -> 4x4x64; block0 64 -> 64 (8x8), block1 64 -> 32
+  (16x16, then attention on 32 channels), block2 32 -> 16 (32x32), output conv 16 -> 3.
+  D (widths 16, 32, 64, 64): block0 3 -> 16 (16x16, then attention on 16 channels), block1
+  16 -> 32 (8x8), blocks 2-3 32 -> 64 -> 64 (8x8), linear and class embedding on 64 features.
+  """
+  config = small_config(32, (16,), (16,))
+  config.model.g_widths, config.model.d_widths = (8, 8, 4, 2), (2, 4, 8, 8)
+  assert architectures.attention_widths(config.model, 32) == (32, 16)
+  generator, discriminator = models.create_models(config)
+  g = jax.eval_shape(lambda: generator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, 128)), jnp.zeros((2,), jnp.int32), train=True))
+  d = jax.eval_shape(lambda: discriminator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32),
+      update_sn=True))
+  g, d = g['params'], d['params']
+  assert g['linear']['kernel'].shape == (128, 4 * 4 * 64)
+  assert [g[f'block{i}']['conv2']['kernel'].shape[-1] for i in range(3)] == [64, 32, 16]
+  assert g['block1']['conv1']['kernel'].shape == (3, 3, 64, 32)
+  assert g['attention16']['theta']['kernel'].shape == (1, 1, 32, 4)
+  assert g['conv_out']['kernel'].shape == (3, 3, 16, 3)
+  assert [d[f'block{i}']['conv2']['kernel'].shape[-1] for i in range(4)] == [16, 32, 64, 64]
+  assert d['attention16']['theta']['kernel'].shape == (1, 1, 16, 2)
+  assert d['linear']['kernel'].shape == (64, 1)
+  # () keeps the table's multipliers: 4 * ch = 32 channels in every block at 32 px.
+  config.model.g_widths, config.model.d_widths = (), ()
+  assert architectures.attention_widths(config.model, 32) == (32, 32)
 
 
 def test_parameter_counts_at_128px_ch64():
@@ -141,6 +173,9 @@ def test_parameter_counts_at_128px_ch64():
     ('dtype', 'float16', "unknown model.dtype 'float16'"),
     ('attention_block_size', 0, 'model.attention_block_size=0 must be positive'),
     ('g_shared_embedding', 16, 'cuts z into 5 chunks at 64 px: .* multiple of 5, e.g. 130'),
+    ('g_widths', (8, 4), r'g_widths=\(8, 4\): at 64 px G needs 5 positive integers .*'
+                         r"g_widths to 5 numbers, e.g. '\(16, 16, 8, 4, 2\)'"),
+    ('d_widths', (1, 2, 4, 0, 16), r'd_widths=\(1, 2, 4, 0, 16\): at 64 px D needs 5 positive'),
 ])
 def test_bad_model_settings_name_the_fix(field, value, message):
   config = small_config(64)
