@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from sagan_jax import architectures
 from sagan_jax import progressive
 from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
@@ -32,9 +33,10 @@ from sagan_jax.train_state import GANTrainState
 # Config fields that change the shapes of the saved state: a checkpoint written with other values
 # cannot be resumed.
 SHAPE_FIELDS = ('data.resolution', 'data.channels', 'data.num_classes', 'model.ch', 'model.z_dim',
+                'model.g_widths', 'model.d_widths', 'model.g_shared_embedding',
                 'model.g_attention', 'model.d_attention', 'model.progressive_resolutions')
 # The values of SHAPE_FIELDS that configs saved before the field existed stand for.
-SHAPE_DEFAULTS = {'model.progressive_resolutions': []}
+SHAPE_DEFAULTS = {'model.progressive_resolutions': [], 'model.g_shared_embedding': 0}
 ITEMS = ('state', 'generator', 'config', 'data', 'metadata')
 # Checkpoints that cannot be read are moved here (never deleted) so that training can save that
 # step again.
@@ -173,11 +175,16 @@ def abstract_like(state_fn, sharding) -> GANTrainState:
 
 
 def _field(config_dict: Any, dotted: str) -> Any:
+  value = config_dict
   for key in dotted.split('.'):
-    config_dict = config_dict.get(key) if isinstance(config_dict, dict) else None
-  if config_dict is None:
-    config_dict = SHAPE_DEFAULTS.get(dotted)
-  return json.loads(json.dumps(config_dict))  # Tuples and lists compare alike.
+    value = value.get(key) if isinstance(value, dict) else None
+  if value is None:
+    value = SHAPE_DEFAULTS.get(dotted)
+  if dotted in ('model.g_widths', 'model.d_widths'):  # () is the resolution's table.
+    value = getattr(architectures.architecture(
+        ml_collections.ConfigDict(config_dict['model']), config_dict['data']['resolution']),
+        dotted[len('model.'):])
+  return json.loads(json.dumps(value))  # Tuples and lists compare alike.
 
 
 def check_compatible(saved_config: Dict[str, Any], config, directory) -> None:

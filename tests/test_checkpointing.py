@@ -69,16 +69,28 @@ def test_a_checkpoint_restores_onto_another_device_count(setup, tmp_path, save_d
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_checkpoint_of_another_width_is_refused_with_the_fields_named(setup, tmp_path):
+@pytest.mark.parametrize('field,value,message', [
+    ('ch', 16, r'model.ch is 8 there and 16 here'),
+    ('g_widths', (2, 4, 4, 4), r'model.g_widths is \[4, 4, 4, 4\] there and \[2, 4, 4, 4\] here'),
+    ('d_widths', (4, 4, 4, 8), r'model.d_widths is \[4, 4, 4, 4\] there and \[4, 4, 4, 8\] here'),
+    ('g_shared_embedding', 16, r'model.g_shared_embedding is 0 there and 16 here'),
+])
+def test_a_checkpoint_of_another_shape_is_refused_with_the_fields_named(setup, tmp_path, field,
+                                                                        value, message):
+  """Refused before Orbax tries (a failed restore would set every checkpoint aside)."""
   config, state, abstract = setup
   manager = checkpointing.create_checkpoint_manager(tmp_path, config)
   checkpointing.save(manager, state, config)
   manager.wait_until_finished()
   other = tiny_config()
-  other.model.ch = 16
-  with pytest.raises(ConfigError, match='model.ch is 8 there and 16 here'):
+  setattr(other.model, field, value)
+  with pytest.raises(ConfigError, match=message):
     checkpointing.restore_latest(manager, abstract(sharding.create_mesh()), other)
   assert manager.all_steps() == [0]  # Nothing moved or deleted.
+  # The table's own multipliers, spelled out, are the same model.
+  other = tiny_config()
+  other.model.g_widths, other.model.d_widths = (4, 4, 4, 4), [4, 4, 4, 4]
+  checkpointing.check_compatible(json.loads(json.dumps(config.to_dict())), other, tmp_path)
 
 
 class _FullDisk:
