@@ -10,7 +10,6 @@ Orbax (a save cut off by a kill leaves only a temporary directory, which is neve
 - `metadata`: step, wall time, elapsed training time and the last logged scores.
 """
 
-import json
 import os
 from typing import Any, Dict, NamedTuple, Optional
 
@@ -23,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from sagan_jax import architectures
+from sagan_jax import checkpoint_shapes
 from sagan_jax import progressive
 from sagan_jax import sharding
 from sagan_jax.errors import ConfigError
@@ -32,11 +31,6 @@ from sagan_jax.train_state import GANTrainState
 
 # Config fields that change the shapes of the saved state: a checkpoint written with other values
 # cannot be resumed.
-SHAPE_FIELDS = ('data.resolution', 'data.channels', 'data.num_classes', 'model.ch', 'model.z_dim',
-                'model.g_widths', 'model.d_widths', 'model.g_shared_embedding',
-                'model.g_attention', 'model.d_attention', 'model.progressive_resolutions')
-# The values of SHAPE_FIELDS that configs saved before the field existed stand for.
-SHAPE_DEFAULTS = {'model.progressive_resolutions': [], 'model.g_shared_embedding': 0}
 ITEMS = ('state', 'generator', 'config', 'data', 'metadata')
 # Checkpoints that cannot be read are moved here (never deleted) so that training can save that
 # step again.
@@ -142,7 +136,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
 
   A checkpoint whose files cannot be read (damaged, half-copied) is moved to
   WORKDIR/unreadable_checkpoints/ with a warning and the next older one is tried. With `config`,
-  a checkpoint written with other SHAPE_FIELDS raises ConfigError (nothing is moved). Returns
+  a checkpoint written with other checkpoint_shapes.SHAPE_FIELDS raises ConfigError, and so does
+  one whose arrays have other names or shapes than `abstract_state`'s (nothing is moved). Returns
   None when the directory holds no checkpoint.
   """
   for step in sorted(manager.all_steps(), reverse=True):
@@ -154,12 +149,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
                       first_line(e, 200), _set_aside(manager, step))
       continue
     if config is not None:
-      check_compatible(saved_config, config, manager.directory)
+      checkpoint_shapes.check_compatible(saved_config, config, manager.directory)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
           metadata=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
+      # Arrays of other names or shapes are another model, not damage: refused, nothing moved.
+      checkpoint_shapes.check_state(manager, step, abstract_state)
       logging.warning('Checkpoint %d is unreadable (%s); moved to %s and trying the one before',
                       step, first_line(e, 200), _set_aside(manager, step))
       continue
@@ -172,31 +169,6 @@ def abstract_like(state_fn, sharding) -> GANTrainState:
   """ShapeDtypeStructs (with `sharding`) of the state that `state_fn()` would build."""
   shapes = jax.eval_shape(state_fn)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def _field(config_dict: Any, dotted: str) -> Any:
-  value = config_dict
-  for key in dotted.split('.'):
-    value = value.get(key) if isinstance(value, dict) else None
-  if value is None:
-    value = SHAPE_DEFAULTS.get(dotted)
-  if dotted in ('model.g_widths', 'model.d_widths'):  # () is the resolution's table.
-    value = getattr(architectures.architecture(
-        ml_collections.ConfigDict(config_dict['model']), config_dict['data']['resolution']),
-        dotted[len('model.'):])
-  return json.loads(json.dumps(value))  # Tuples and lists compare alike.
-
-
-def check_compatible(saved_config: Dict[str, Any], config, directory) -> None:
-  """Raises ConfigError when a checkpoint's config differs from `config` in SHAPE_FIELDS."""
-  current = config.to_dict()
-  differences = [f'{name} is {_field(saved_config, name)} there and {_field(current, name)} here'
-                 for name in SHAPE_FIELDS
-                 if _field(saved_config, name) != _field(current, name)]
-  if differences:
-    raise ConfigError(
-        f'{directory} holds checkpoints of another model ({"; ".join(differences)}): '
-        'pass the same settings to resume, or use a new --workdir')
 
 
 def open_for_reading(directory: epath.PathLike) -> ocp.CheckpointManager:

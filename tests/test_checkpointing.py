@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 import pytest
 
+from sagan_jax import checkpoint_shapes
 from sagan_jax import checkpointing
 from sagan_jax import models
 from sagan_jax import sharding
@@ -90,7 +91,33 @@ def test_a_checkpoint_of_another_shape_is_refused_with_the_fields_named(setup, t
   # The table's own multipliers, spelled out, are the same model.
   other = tiny_config()
   other.model.g_widths, other.model.d_widths = (4, 4, 4, 4), [4, 4, 4, 4]
-  checkpointing.check_compatible(json.loads(json.dumps(config.to_dict())), other, tmp_path)
+  checkpoint_shapes.check_compatible(json.loads(json.dumps(config.to_dict())), other, tmp_path)
+
+
+def test_arrays_of_other_shapes_are_refused_even_when_no_field_says_so(setup, tmp_path,
+                                                                       monkeypatch):
+  """A model change that SHAPE_FIELDS misses (here: none listed) is still another model, not a
+  damaged checkpoint: one ConfigError naming the arrays, and the checkpoint stays where it is."""
+  config, state, abstract = setup
+  manager = checkpointing.create_checkpoint_manager(tmp_path, config)
+  checkpointing.save(manager, state, config)
+  manager.wait_until_finished()
+  other = tiny_config()
+  other.model.ch = 16
+  generator, discriminator = models.create_models(other)
+  other_abstract = checkpointing.abstract_like(
+      lambda: train_state.create_train_state(other, generator, discriminator,
+                                             jax.random.PRNGKey(3)),
+      sharding.replicated(sharding.create_mesh()))
+  monkeypatch.setattr(checkpoint_shapes, 'SHAPE_FIELDS', ())
+  with pytest.raises(ConfigError, match=r'another model \(step 0: g_params/attention16/g/kernel is '
+                                        r'\(1, 1, 32, 16\) there and \(1, 1, 64, 32\) here; .* and '
+                                        r'\d+ more\): pass the settings it was trained with'):
+    checkpointing.restore_latest(manager, other_abstract, other)
+  assert manager.all_steps() == [0]
+  assert not (tmp_path / checkpointing.UNREADABLE_DIR).exists()
+  # Its own model's arrays restore.
+  assert checkpointing.restore_latest(manager, abstract(sharding.create_mesh()), config)
 
 
 class _FullDisk:
