@@ -14,8 +14,8 @@ measurement.
 """
 
 import dataclasses
-import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -217,9 +217,9 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16,
   batch per device does not fit.
 
   A search takes hours on a few cores. With `journal` (a file path) each probe's report is
-  appended to it as the probe ends, and a search of the same config, slice, jax and libtpu
-  started again reuses the probes found there: it takes the same path and compiles only what
-  the interrupted one had not.
+  appended to it as the probe ends, and a search of the same config (fields added since, at their
+  defaults, count as the same), slice, jax and libtpu started again reuses the probes found
+  there: it takes the same path and compiles only what the interrupted one had not.
   """
   devices = slice_devices(name) if devices is None else devices
   unit = len(devices) * config.train.grad_accum_steps
@@ -228,8 +228,8 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16,
   reports: Dict[int, Dict[str, Any]] = {}
   good, bad = 0, None
   multiple = min(top, max(1, config.train.batch_size // unit))
-  key = _search_key(config, name) if journal else None
-  done = _read_journal(journal, key) if journal else {}
+  search = _search_identity(config, name) if journal else None
+  done = _read_journal(journal, search) if journal else {}
   while True:
     probe = config.copy_and_resolve_references()
     with probe.unlocked():
@@ -240,7 +240,7 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16,
     else:
       reports[multiple] = compile_for_slice(probe, name, devices)
       if journal:
-        _append_journal(journal, key, reports[multiple])
+        _append_journal(journal, search, reports[multiple])
     probes[multiple * unit] = reports[multiple]['fits']
     good, bad = (multiple, bad) if probes[multiple * unit] else (good, multiple)
     logging.info('%s', _probe_line(reports[multiple], good * unit, bad and bad * unit, reused))
@@ -252,7 +252,7 @@ def max_batch(config, name: str, devices=None, limit: int = 1 << 16,
   return result
 
 
-def _search_key(config, name: str) -> str:
+def _search_identity(config, name: str) -> Dict[str, Any]:
   """What a probe's bytes depend on besides the batch: the config, the slice, jax, libtpu."""
   import jax  # pylint: disable=g-import-not-at-top
   probe = config.copy_and_resolve_references()
@@ -262,13 +262,41 @@ def _search_key(config, name: str) -> str:
     libtpu = importlib.metadata.version('libtpu')
   except importlib.metadata.PackageNotFoundError:
     libtpu = None
-  text = json.dumps([name, probe.to_json_best_effort(sort_keys=True), jax.__version__, libtpu])
-  return hashlib.sha256(text.encode()).hexdigest()
+  return json.loads(json.dumps({'slice': name, 'config': json.loads(probe.to_json_best_effort()),
+                                'jax': jax.__version__, 'libtpu': libtpu}))
 
 
-def _read_journal(path: str, key: str) -> Dict[int, Dict[str, Any]]:
-  """The reports of `path` written under `key`, by global batch."""
-  reports = {}
+def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
+def _default_fields() -> Dict[str, Any]:
+  """configs/default.py's fields, flattened: what a field added to the code since stands for."""
+  spec = importlib.util.spec_from_file_location(
+      '_sagan_default_config', os.path.join(cli.CONFIGS_DIR, 'default.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return _flatten(json.loads(module.get_config().to_json_best_effort()))
+
+
+def _same_search(saved: Any, current: Dict[str, Any], defaults: Dict[str, Any]) -> bool:
+  """Whether a journal's probe holds for the current search. A field that the saved config
+  lacks (added to the code since) matches when the current config leaves it at its default."""
+  if not isinstance(saved, dict) or any(saved.get(k) != current[k]
+                                        for k in ('slice', 'jax', 'libtpu')):
+    return False
+  old, new = _flatten(saved.get('config') or {}), _flatten(current['config'])
+  missing = object()
+  return set(old) <= set(new) and all(
+      old[f] == v if f in old else defaults.get(f, missing) == v for f, v in new.items())
+
+
+def _read_journal(path: str, search: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
+  """The reports of `path` written by the same search, by global batch."""
+  reports, defaults = {}, None
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
@@ -276,12 +304,17 @@ def _read_journal(path: str, key: str) -> Dict[int, Dict[str, Any]]:
           entry = json.loads(line)
         except json.JSONDecodeError:  # The line a killed search was writing.
           continue
-        if isinstance(entry, dict) and entry.get('key') == key:
-          reports[entry['report']['batch_size']] = entry['report']
+        if not isinstance(entry, dict) or 'report' not in entry:
+          continue
+        if entry.get('search') != search:
+          defaults = _default_fields() if defaults is None else defaults
+          if not _same_search(entry.get('search'), search, defaults):
+            continue
+        reports[entry['report']['batch_size']] = entry['report']
   return reports
 
 
-def _append_journal(path: str, key: str, report: Dict[str, Any]) -> None:
+def _append_journal(path: str, search: Dict[str, Any], report: Dict[str, Any]) -> None:
   """One report as one line, on disk before the search goes on."""
   torn = False
   if os.path.exists(path) and os.path.getsize(path):
@@ -289,7 +322,7 @@ def _append_journal(path: str, key: str, report: Dict[str, Any]) -> None:
       f.seek(-1, os.SEEK_END)
       torn = f.read(1) != b'\n'  # A line cut off by a kill: end it, so that this one parses.
   with open(path, 'a') as f:
-    f.write(('\n' if torn else '') + json.dumps({'key': key, 'report': report}) + '\n')
+    f.write(('\n' if torn else '') + json.dumps({'search': search, 'report': report}) + '\n')
     f.flush()
     os.fsync(f.fileno())
 

@@ -182,8 +182,24 @@ def test_an_interrupted_search_resumes_from_its_journal_and_compiles_only_the_re
   calls[:] = []
   assert tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal) == resumed
   assert not calls
-  # Another config (or slice, jax, libtpu) reuses none of them.
+  # A journal written before a field existed (here: without train.lr_decay_end_factor) still
+  # serves a config that leaves the field at its default, not one that sets it.
+  entries = [json.loads(line) for line in open(journal) if line.endswith('}\n')]
+  assert len(entries) == 5
+  for entry in entries:
+    del entry['search']['config']['train']['lr_decay_end_factor']
+  with open(journal, 'w') as f:
+    f.writelines(json.dumps(entry) + '\n' for entry in entries)
+  assert tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal) == resumed
+  assert not calls
   with config.unlocked():
+    config.train.lr_decay_end_factor = 0.5
+  tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal)
+  assert calls == path
+  # Another config (or slice, jax, libtpu) reuses none of them.
+  calls[:] = []
+  with config.unlocked():
+    config.train.lr_decay_end_factor = 0.0
     config.model.ch = 16
   tpu_compile.max_batch(config, 'v5e-4', devices=devices, journal=journal)
   assert calls == path
