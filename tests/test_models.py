@@ -28,6 +28,18 @@ def small_config(resolution: int, g_attention=(), d_attention=()):
   return config
 
 
+def variable_shapes(config):
+  """Shapes of G's and D's variables (every collection), built without computing anything."""
+  generator, discriminator = models.create_models(config)
+  res, channels = config.data.resolution, config.data.channels
+  labels = jnp.zeros((2,), jnp.int32)
+  g = jax.eval_shape(lambda: generator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, config.model.z_dim)), labels, train=True))
+  d = jax.eval_shape(lambda: discriminator.init(
+      jax.random.PRNGKey(0), jnp.zeros((2, res, res, channels)), labels, update_sn=True))
+  return g, d
+
+
 @pytest.mark.parametrize('resolution,attention', [(32, 16), (64, 32), (128, 64), (256, 128)])
 def test_shapes_and_ranges_at_every_resolution(resolution, attention):
   config = small_config(resolution, (attention,), (attention,))
@@ -62,12 +74,7 @@ def test_both_attention_placements_build_at_128():
   # The official code's 32x32 placement: G's 4ch block and D's 2ch block.
   config = default.get_config()
   config.model.g_attention, config.model.d_attention = (32,), (32,)
-  generator, discriminator = models.create_models(config)
-  g_shapes = jax.eval_shape(lambda: generator.init(
-      jax.random.PRNGKey(0), jnp.zeros((2, 128)), jnp.zeros((2,), jnp.int32), train=True))
-  d_shapes = jax.eval_shape(lambda: discriminator.init(
-      jax.random.PRNGKey(0), jnp.zeros((2, 128, 128, 3)), jnp.zeros((2,), jnp.int32),
-      update_sn=True))
+  g_shapes, d_shapes = variable_shapes(config)
   assert g_shapes['params']['attention32']['theta']['kernel'].shape == (1, 1, 256, 32)
   assert d_shapes['params']['attention32']['theta']['kernel'].shape == (1, 1, 128, 16)
 
@@ -104,13 +111,7 @@ def test_per_map_widths_replace_the_architecture_table():
   config = small_config(32, (16,), (16,))
   config.model.g_widths, config.model.d_widths = (8, 8, 4, 2), (2, 4, 8, 8)
   assert architectures.attention_widths(config.model, 32) == (32, 16)
-  generator, discriminator = models.create_models(config)
-  g = jax.eval_shape(lambda: generator.init(
-      jax.random.PRNGKey(0), jnp.zeros((2, 128)), jnp.zeros((2,), jnp.int32), train=True))
-  d = jax.eval_shape(lambda: discriminator.init(
-      jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32),
-      update_sn=True))
-  g, d = g['params'], d['params']
+  g, d = (shapes['params'] for shapes in variable_shapes(config))
   assert g['linear']['kernel'].shape == (128, 4 * 4 * 64)
   assert [g[f'block{i}']['conv2']['kernel'].shape[-1] for i in range(3)] == [64, 32, 16]
   assert g['block1']['conv1']['kernel'].shape == (3, 3, 64, 32)
@@ -152,12 +153,7 @@ def test_parameter_counts_at_128px_ch64():
     total                                                                       = 39,448,258
   Spectral vectors u and BN moving statistics are not parameters.
   """
-  generator, discriminator = models.create_models(default.get_config())
-  g_shapes = jax.eval_shape(lambda: generator.init(
-      jax.random.PRNGKey(0), jnp.zeros((2, 128)), jnp.zeros((2,), jnp.int32), train=True))
-  d_shapes = jax.eval_shape(lambda: discriminator.init(
-      jax.random.PRNGKey(0), jnp.zeros((2, 128, 128, 3)), jnp.zeros((2,), jnp.int32),
-      update_sn=True))
+  g_shapes, d_shapes = variable_shapes(default.get_config())
   assert count(g_shapes['params']) == 42_017_412
   assert count(d_shapes['params']) == 39_448_258
   assert set(g_shapes) == {'params', 'spectral', 'batch_stats'}
