@@ -10,9 +10,8 @@ logs, at most every `every_secs` seconds and once at the end,
 through absl logging (the tools' short format, or the full one with --log_format=full), on
 process 0 only: on a TPU slice or a GPU cluster one line per interval, not one per host. The
 training loop has its own line (reporting.ProgressLogger); this one serves classifier training,
-sampling and feature extraction in evaluation and reference statistics. Times come from tqdm's
-formatter (installed with tensorflow-datasets, which requirements.txt pins); where tqdm is
-absent (the accelerator image has no TensorFlow stack) the ETA is printed in seconds.
+sampling and feature extraction in evaluation and reference statistics. Times read M:SS or
+H:MM:SS (format_seconds), as in the training loop's line.
 """
 
 import time
@@ -21,17 +20,14 @@ from typing import Optional
 from absl import logging
 import jax
 
-try:
-  from tqdm import tqdm as _tqdm  # pylint: disable=g-import-not-at-top
-except ImportError:  # pragma: no cover  (the accelerator image)
-  _tqdm = None
-
 EVERY_SECS = 10.0  # At most one line per stage every this many seconds.
 
 
 def format_seconds(seconds: float) -> str:
-  """'1:57', '1:02:03' (tqdm's format), or '117s' without tqdm."""
-  return _tqdm.format_interval(seconds) if _tqdm else f'{seconds:.0f}s'
+  """'1:57', '1:02:03' (M:SS, or H:MM:SS from an hour on): every ETA and duration of the logs."""
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes}:{secs:02d}'
 
 
 def _rate(rate: float) -> str:

@@ -9,11 +9,7 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 
-
-def _format_eta(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s'
+from sagan_jax import progress
 
 
 @jax.jit
@@ -60,7 +56,7 @@ class ProgressLogger:
     losses_text = ' '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in sorted(scalars.items())
                            if 'loss' in k)
     logging.info('step %d/%d  %.2f steps/s  ETA %s  %s', step, self.num_steps, steps_per_sec,
-                 _format_eta(eta), losses_text)
+                 progress.format_seconds(eta), losses_text)
     return scalars
 
 

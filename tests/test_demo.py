@@ -36,6 +36,11 @@ def test_progress_lines_give_count_share_rate_and_eta_and_read_values_only_when_
   assert lines[4].startswith('quiet: 4/4 steps (100%)')
 
 
+def test_every_eta_and_duration_reads_minutes_and_seconds_or_hours():
+  assert [progress.format_seconds(t) for t in (0, 59.4, 59.6, 117, 3599, 3600, 3723, 90061)] == [
+      '0:00', '0:59', '1:00', '1:57', '59:59', '1:00:00', '1:02:03', '25:01:01']
+
+
 def test_the_demo_shows_each_stage_with_progress_and_a_summary_of_files_that_exist(tmp_path):
   data_dir, workdir = str(tmp_path / 'data'), str(tmp_path / 'demo')
   os.makedirs(data_dir)
