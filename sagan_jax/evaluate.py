@@ -1,7 +1,7 @@
 """Scores a checkpoint's generator: FID, IS, KID, precision/recall and the classifier's metrics.
 
   python -m sagan_jax.evaluate --workdir=DIR [--step=N | --best] [--raw] [--num_samples=50000]
-      [--batch_size=256] [--truncation=0] [--standing_stats=0] [--metrics=fid,is,...]
+      [--batch_size=256] [--truncation=T] [--standing_stats=N] [--metrics=fid,is,...]
       [--reference_stats=PATH] [--inception_path=PATH] [--classifier=PATH] [--seed=0]
 
 restores only the generator (the EMA weights unless --raw) of the newest checkpoint, of step N,
@@ -102,10 +102,12 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('num_samples', 50_000, 'Samples to score.', flag_values=fv)
   flags.DEFINE_integer('batch_size', None, 'Samples generated per batch over all devices '
                        '(default eval.batch_size).', flag_values=fv)
-  flags.DEFINE_float('truncation', 0.0, 'Truncation threshold of z (0: plain N(0, I)).',
+  flags.DEFINE_float('truncation', None, 'Truncation threshold of z (0: plain N(0, I); default '
+                     "the run's eval.truncation, as its training-time evaluations).",
                      flag_values=fv)
-  flags.DEFINE_integer('standing_stats', 0, 'Recompute BN statistics from this many batches of '
-                       'G in training mode first (0: off).', flag_values=fv)
+  flags.DEFINE_integer('standing_stats', None, 'Recompute BN statistics from this many batches '
+                       "of G in training mode first (0: off; default the run's "
+                       'eval.standing_stats).', flag_values=fv)
   flags.DEFINE_list('metrics', None, 'Comma-separated metric names: fid, is, kid, '
                     'precision_recall, fd_classifier, class_accuracy, intra_fd_classifier or '
                     'another of sagan_jax/evaluation/registry.py (default: all).',

@@ -303,6 +303,26 @@ def test_fd_classifier_of_real_images_against_their_reference_is_about_zero(clas
   assert 0 < other < 0.2 * scale  # Other images of the same distribution: small, not zero.
 
 
+def test_evaluate_samples_as_the_run_did_unless_a_flag_says_otherwise(workdir, classifier_file,
+                                                                      monkeypatch, tmp_path):
+  """--truncation and --standing_stats default to the checkpoint config's eval fields."""
+  workdir = shutil.copytree(workdir, str(tmp_path / 'run'))  # The shared one keeps its files.
+  load = checkpointing.load_generator
+
+  def load_with_run_settings(*args, **kwargs):
+    config, *rest = load(*args, **kwargs)
+    config.eval.truncation, config.eval.standing_stats = 0.5, 2
+    return (config, *rest)
+
+  monkeypatch.setattr(checkpointing, 'load_generator', load_with_run_settings)
+  args = ['prog', f'--workdir={workdir}', f'--classifier={classifier_file[0]}',
+          '--num_samples=150', '--batch_size=60', '--metrics=class_accuracy']
+  assert evaluate.main(args) == 0
+  assert evaluate.main(args + ['--standing_stats=0']) == 0
+  names = set(os.listdir(os.path.join(workdir, 'eval')))
+  assert {'step_0000007_trunc0.5_standing2.json', 'step_0000007_trunc0.5.json'} <= names
+
+
 def test_evaluate_cli_without_inception_scores_writes_json_and_tensorboard(
     workdir, classifier_file, config, state, monkeypatch, caplog, capsys):
   monkeypatch.delenv(inception_weights.ENV_VAR, raising=False)
