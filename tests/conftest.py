@@ -55,6 +55,7 @@ def tiny_config(data_dir: str = '/nonexistent'):
   config.data.fashion_mnist_dir = data_dir
   config.data.shuffle_buffer = 64
   config.model.ch = 8
+  config.model.g_widths = config.model.d_widths = ()  # The table's: 32 channels everywhere.
   config.train.batch_size = 8
   config.train.num_steps = 3
   config.train.ema_start_step = 1
