@@ -94,8 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.beta2 = 0.999
   train.adam_eps = 1e-8  # Adam epsilon (TF's default).
   train.loss = 'hinge'  # Adversarial loss: 'hinge', 'non_saturating' or 'wasserstein'.
-  train.ema_decay = 0.9999  # Decay of the EMA of G's weights.
+  train.ema_decay = 0.9999  # Decay of the EMA of G's weights per G step.
   train.ema_start_step = 1000  # Before this step the EMA copies G's weights.
+  # 'exponential' (ema_decay per step) or 'uniform': the EMA is the mean of G's weights after
+  # every G step from ema_start_step on (Polyak averaging, SWA's average; ema_decay unused).
+  train.ema_average = 'exponential'
   # A non-finite loss or parameter: 'stop' ends training at that step (the newest checkpoint
   # stays the last good one); 'skip' keeps the state from before the step, skips its batch, goes
   # on and counts it (train/nonfinite_skips in the log and TensorBoard).

@@ -116,6 +116,7 @@ def _check_choices(config) -> None:
   from sagan_jax import losses
   from sagan_jax import progressive
   from sagan_jax import regularizers
+  from sagan_jax import schedules
   from sagan_jax import train
   data = config.data
   if data.name not in DATA_SOURCES:
@@ -131,6 +132,7 @@ def _check_choices(config) -> None:
   progressive.check_config(config)
   losses.get_adversarial_loss(config.train.loss)
   train.check_on_nonfinite(config.train.on_nonfinite)
+  schedules.ema_decay_fn(config.train)
   augment.parse_policy(config.train.get('augment', ''))
   regularizers.d_regularizers_from_config(config.train)
   batch, accum = config.train.batch_size, config.train.grad_accum_steps

@@ -31,6 +31,7 @@ from sagan_jax import losses
 from sagan_jax import models
 from sagan_jax import progressive
 from sagan_jax import regularizers
+from sagan_jax import schedules
 from sagan_jax import sharding
 from sagan_jax.layers import SPECTRAL
 from sagan_jax.errors import ConfigError
@@ -80,8 +81,8 @@ class StepContext:
   z_dim: int
   num_classes: int
   num_micro: int = 1  # train.grad_accum_steps
-  ema_decay: float = 0.999
-  ema_start_step: int = 0
+  # The EMA's decay at a G step (schedules.ema_decay_fn); None: an exact copy of G.
+  ema_decay: Optional[Callable[[jax.Array], jax.Array]] = None
   lr_scale: Optional[Callable[[jax.Array], jax.Array]] = None
   skip_nonfinite: bool = False
   mesh: Optional[Mesh] = None
@@ -103,30 +104,6 @@ class StepContext:
   def draw_latents(self, rng: jax.Array, batch_size: int) -> Tuple[jax.Array, jax.Array]:
     z, labels = latents.sample_latents(rng, batch_size, self.z_dim, self.num_classes)
     return self.constrain(z), self.constrain(labels)
-
-
-def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
-  """The learning-rate factor of a G step (train.lr_decay_start_step), or None when constant.
-
-  From G step `lr_decay_start_step` on, both rates fall linearly to `lr_decay_end_factor` times
-  their value at `num_steps` (0 by default: the last step still moves by 1 / (num_steps - start)
-  of the full rate); before it, and with 0 (the paper), they are constant. The D steps of a G
-  step share its factor. Scaling Adam's update is scaling its learning rate, so the optimizer
-  states are the same with and without decay: a run can turn it on when resumed.
-  """
-  start, num_steps = train_config.get('lr_decay_start_step', 0), train_config.num_steps
-  end = float(train_config.get('lr_decay_end_factor', 0.0))
-  if start < 0:
-    raise ConfigError(f'train.lr_decay_start_step={start}: use 0 (constant learning rates) or the '
-                      f'G step at which the decay (it ends at train.num_steps={num_steps}) begins')
-  if not start or start >= num_steps:
-    return None
-
-  def scale(step: jax.Array) -> jax.Array:
-    left = jnp.clip((num_steps - step) / (num_steps - start), 0.0, 1.0)
-    return (end + (1.0 - end) * left).astype(jnp.float32)
-
-  return scale
 
 
 def split_micro_batches(x: jax.Array, num_micro: int) -> jax.Array:
@@ -285,7 +262,7 @@ def g_step(ctx: StepContext, state: GANTrainState, batch_size: int, rng: jax.Arr
            ) -> Tuple[GANTrainState, Metrics]:
   """One G update on `batch_size` fresh latents; G's BN statistics and spectral vectors advance.
 
-  The EMA of G follows (decay 0, an exact copy, before train.ema_start_step).
+  The EMA of G follows (schedules.ema_decay_fn: an exact copy before train.ema_start_step).
   """
   z, labels = ctx.draw_latents(rng, batch_size)
   loss_fn = lambda params, batch, index: _g_loss(ctx, state, rng, params, batch, index)
@@ -294,7 +271,7 @@ def g_step(ctx: StepContext, state: GANTrainState, batch_size: int, rng: jax.Arr
   updates, g_opt_state = state.g_tx.update(grads, state.g_opt_state, state.g_params)
   updates = _scaled(ctx, updates, state.step)
   g_params = optax.apply_updates(state.g_params, updates)
-  decay = jnp.where(state.step >= ctx.ema_start_step, ctx.ema_decay, 0.0)
+  decay = ctx.ema_decay(state.step) if ctx.ema_decay else jnp.float32(0)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_g_params, g_params)
   state = state.replace(g_params=g_params, g_state={**state.g_state, **aux['state']},
                         g_opt_state=g_opt_state, ema_g_params=ema)
@@ -364,8 +341,8 @@ def create_step_context(config, generator: models.Generator,
       generator=generator, discriminator=discriminator,
       loss=losses.get_adversarial_loss(train_config.loss), z_dim=config.model.z_dim,
       num_classes=config.data.num_classes, num_micro=train_config.get('grad_accum_steps', 1),
-      ema_decay=train_config.ema_decay, ema_start_step=train_config.ema_start_step,
-      lr_scale=lr_scale_fn(train_config),
+      ema_decay=schedules.ema_decay_fn(train_config),
+      lr_scale=schedules.lr_scale_fn(train_config),
       skip_nonfinite=check_on_nonfinite(train_config.on_nonfinite) == 'skip', mesh=mesh,
       phases=tuple(phases), hooks=hooks_from_config(config) if hooks is None else hooks,
       alpha_fn=schedule.alpha if schedule else None)

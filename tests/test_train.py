@@ -15,6 +15,7 @@ from sagan_jax import config_check
 from sagan_jax import latents
 from sagan_jax import losses
 from sagan_jax import models
+from sagan_jax import schedules
 from sagan_jax import sharding
 from sagan_jax import train
 from sagan_jax import train_state
@@ -579,20 +580,51 @@ def test_bfloat16_step_is_close_to_float32_step(bfloat16_step, setup):
 def test_lr_scale_falls_linearly_to_zero_at_the_last_step():
   config = tiny_config()
   config.train.num_steps = 10
-  assert train.lr_scale_fn(config.train) is None  # 0: constant rates (the paper).
+  assert schedules.lr_scale_fn(config.train) is None  # 0: constant rates (the paper).
   config.train.lr_decay_start_step = 10
-  assert train.lr_scale_fn(config.train) is None  # Starts after the last step.
+  assert schedules.lr_scale_fn(config.train) is None  # Starts after the last step.
   config.train.lr_decay_start_step = 6
-  scale = train.lr_scale_fn(config.train)
+  scale = schedules.lr_scale_fn(config.train)
   np.testing.assert_allclose([float(scale(jnp.int32(s))) for s in (0, 5, 6, 7, 8, 9)],
                              [1.0, 1.0, 1.0, 0.75, 0.5, 0.25])
   config.train.lr_decay_end_factor = 0.5  # To half the rates instead of zero.
-  scale = train.lr_scale_fn(config.train)
+  scale = schedules.lr_scale_fn(config.train)
   np.testing.assert_allclose([float(scale(jnp.int32(s))) for s in (5, 6, 7, 8, 9, 10)],
                              [1.0, 1.0, 0.875, 0.75, 0.625, 0.5])
   config.train.lr_decay_start_step = -1
   with pytest.raises(ConfigError, match='lr_decay_start_step=-1: use 0'):
-    train.lr_scale_fn(config.train)
+    schedules.lr_scale_fn(config.train)
+
+
+def test_uniform_ema_is_the_mean_of_g_from_its_start_step():
+  """train.ema_average: the step's update e <- d e + (1 - d) p with ema_decay_fn's d, run over 20
+  G steps of random 'weights' p, copies G before ema_start_step (3) and then keeps ema_decay
+  ('exponential') or the mean of the weights after steps 3 to 19 ('uniform')."""
+  config = tiny_config()
+  config.train.ema_decay, config.train.ema_start_step = 0.9, 3
+  weights = np.random.default_rng(0).normal(size=(20, 64)).astype(np.float32)
+
+  def run(kind):
+    config.train.ema_average = kind
+    decay_fn, ema = schedules.ema_decay_fn(config.train), np.zeros(64, np.float32)
+    decays = []
+    for step, p in enumerate(weights):  # `step`: state.step before the G step, as g_step has it.
+      d = decay_fn(jnp.int32(step))
+      decays.append(float(d))
+      ema = np.asarray(d * ema + (1 - d) * p)
+    return decays, ema
+
+  decays, _ = run('exponential')
+  assert decays == [0.0] * 3 + [float(np.float32(0.9))] * 17
+  decays, ema = run('uniform')
+  assert decays[:4] == [0.0] * 4 and decays[4:7] == [1 / 2, float(np.float32(2 / 3)), 3 / 4]
+  # Each update rounds d, 1 - d, both products and the sum: at most 5 roundings of eps / 2 of
+  # |e| + |p| <= 2 max|p|, carried on (times d < 1) by the 16 updates after the first copy.
+  tolerances.assert_within(ema, weights[3:].astype(np.float64).mean(axis=0),
+                           16 * 5 * EPS32 / 2 * 2 * np.abs(weights).max(), 'uniform EMA')
+  config.train.ema_average = 'mean'
+  with pytest.raises(ConfigError, match="unknown train.ema_average 'mean'.*'uniform'"):
+    config_check.check_config(config)
 
 
 def test_lr_decay_scales_both_updates_and_keeps_optimizer_states(setup):
