@@ -59,6 +59,7 @@ def tiny_config(data_dir: str = '/nonexistent'):
   config.train.batch_size = 8
   config.train.num_steps = 3
   config.train.ema_start_step = 1
+  config.train.ema_average = 'exponential'  # The tests' exact EMA expectations decay by ema_decay.
   config.log_every_steps = 1
   config.sample_every_steps = 2
   config.checkpoint_every_steps = 2
