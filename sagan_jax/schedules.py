@@ -4,6 +4,7 @@ Both are functions of the step count alone (`state.step` before the G step), tra
 compiled step, so a resumed run goes on exactly where it stopped.
 """
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -39,26 +40,31 @@ def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
 EMA_AVERAGES = ('exponential', 'uniform')
 
 
-def ema_decay_fn(train_config) -> Callable[[jax.Array], jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class EmaDecay:
   """The decay of G's EMA at a G step (`state.step` before it): e <- decay e + (1 - decay) p.
 
-  Before `ema_start_step` it is 0 (the EMA copies G). From it, `train.ema_average` says:
-  'exponential' (the default) decays by `ema_decay` per G step; 'uniform' keeps the mean of G's
-  weights after each G step from `ema_start_step` on (Polyak averaging; SWA's average): n / (n + 1)
-  once n steps are in it.
+  Before `start` it is 0 (the EMA copies G). From it, 'exponential' decays by `decay` per G step;
+  'uniform' keeps the mean of G's weights after each G step from `start` on (Polyak averaging;
+  SWA's average): n / (n + 1) once n steps are in it. A frozen dataclass: equal settings give
+  equal (static) step contexts, so the compiled step is shared.
   """
-  kind, start = train_config.get('ema_average', 'exponential'), train_config.ema_start_step
+  kind: str
+  decay: float
+  start: int
+
+  def __call__(self, step: jax.Array) -> jax.Array:
+    if self.kind == 'uniform':
+      n = jnp.maximum(step - self.start, 0).astype(jnp.float32)
+      return n / (n + 1)
+    return jnp.where(step >= self.start, jnp.float32(self.decay), jnp.float32(0))
+
+
+def ema_decay_fn(train_config) -> EmaDecay:
+  """The EmaDecay of `train.ema_average`, `ema_decay` and `ema_start_step`."""
+  kind = train_config.get('ema_average', 'exponential')
   if kind not in EMA_AVERAGES:
     raise ConfigError(f"unknown train.ema_average '{kind}': set it to 'exponential' (decay "
                       "train.ema_decay per G step) or 'uniform' (the mean of G's weights from "
                       'train.ema_start_step on)')
-  decay = float(train_config.ema_decay)
-
-  def exponential(step: jax.Array) -> jax.Array:
-    return jnp.where(step >= start, jnp.float32(decay), jnp.float32(0))
-
-  def uniform(step: jax.Array) -> jax.Array:
-    n = jnp.maximum(step - start, 0).astype(jnp.float32)
-    return n / (n + 1)
-
-  return uniform if kind == 'uniform' else exponential
+  return EmaDecay(kind, float(train_config.ema_decay), int(train_config.ema_start_step))
