@@ -5,7 +5,7 @@ compiled step, so a resumed run goes on exactly where it stopped.
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,21 @@ import jax.numpy as jnp
 from sagan_jax.errors import ConfigError
 
 
-def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
+@dataclasses.dataclass(frozen=True)
+class LrScale:
+  """The learning-rate factor at a G step (`state.step` before it): 1 before `start`, then a
+  linear fall to `end` at `num_steps`. A frozen dataclass, as EmaDecay below: equal settings give
+  equal (static) step contexts."""
+  start: int
+  num_steps: int
+  end: float
+
+  def __call__(self, step: jax.Array) -> jax.Array:
+    left = jnp.clip((self.num_steps - step) / (self.num_steps - self.start), 0.0, 1.0)
+    return (self.end + (1.0 - self.end) * left).astype(jnp.float32)
+
+
+def lr_scale_fn(train_config) -> Optional[LrScale]:
   """The learning-rate factor of a G step (train.lr_decay_start_step), or None when constant.
 
   From G step `lr_decay_start_step` on, both rates fall linearly to `lr_decay_end_factor` times
@@ -29,12 +43,7 @@ def lr_scale_fn(train_config) -> Optional[Callable[[jax.Array], jax.Array]]:
                       f'G step at which the decay (it ends at train.num_steps={num_steps}) begins')
   if not start or start >= num_steps:
     return None
-
-  def scale(step: jax.Array) -> jax.Array:
-    left = jnp.clip((num_steps - step) / (num_steps - start), 0.0, 1.0)
-    return (end + (1.0 - end) * left).astype(jnp.float32)
-
-  return scale
+  return LrScale(int(start), int(num_steps), end)
 
 
 EMA_AVERAGES = ('exponential', 'uniform')

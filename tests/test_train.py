@@ -591,6 +591,9 @@ def test_lr_scale_falls_linearly_to_zero_at_the_last_step():
   scale = schedules.lr_scale_fn(config.train)
   np.testing.assert_allclose([float(scale(jnp.int32(s))) for s in (5, 6, 7, 8, 9, 10)],
                              [1.0, 1.0, 0.875, 0.75, 0.625, 0.5])
+  # Equal settings give equal (hashable) factors, so their step contexts share a compiled step.
+  assert schedules.lr_scale_fn(config.train) == scale and hash(scale) == hash(
+      schedules.lr_scale_fn(config.train))
   config.train.lr_decay_start_step = -1
   with pytest.raises(ConfigError, match='lr_decay_start_step=-1: use 0'):
     schedules.lr_scale_fn(config.train)
