@@ -1,11 +1,12 @@
 """Whether a checkpoint holds the model that a config builds: checked before anything is restored.
 
 A checkpoint of another model is bad input, not damage: it is refused with one line naming what
-differs, and never moved aside as unreadable (checkpointing.restore_latest).
+differs, and never moved aside as unreadable (checkpointing.restore_latest). Other data settings
+(STREAM_FIELDS) give the same model another data order: restored, with a warning.
 """
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import jax
 import ml_collections
@@ -43,6 +44,26 @@ def check_compatible(saved_config: Dict[str, Any], config, directory) -> None:
     raise ConfigError(
         f'{directory} holds checkpoints of another model ({"; ".join(differences)}): '
         'pass the same settings to resume, or use a new --workdir')
+
+
+# The settings that decide the training stream's order: a checkpoint's input position counts
+# examples of that stream, so with another value it goes on in a different one.
+STREAM_FIELDS = ('seed', 'data.name', 'data.split', 'data.max_examples', 'data.shuffle_buffer')
+STREAM_DEFAULTS = {'data.max_examples': 0}
+
+
+def stream_changes(saved_config: Dict[str, Any], config) -> List[str]:
+  """The STREAM_FIELDS whose values differ between a checkpoint's config and `config`, as
+  'data.max_examples is 5000 there and 0 here'."""
+  current = config.to_dict()
+
+  def value(config_dict, dotted):
+    for key in dotted.split('.'):
+      config_dict = config_dict.get(key) if isinstance(config_dict, dict) else None
+    return STREAM_DEFAULTS.get(dotted) if config_dict is None else config_dict
+
+  return [f'{name} is {value(saved_config, name)} there and {value(current, name)} here'
+          for name in STREAM_FIELDS if value(saved_config, name) != value(current, name)]
 
 
 def _leaves(tree) -> Dict[str, tuple]:

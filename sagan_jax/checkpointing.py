@@ -137,7 +137,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
   A checkpoint whose files cannot be read (damaged, half-copied) is moved to
   WORKDIR/unreadable_checkpoints/ with a warning and the next older one is tried. With `config`,
   a checkpoint written with other checkpoint_shapes.SHAPE_FIELDS raises ConfigError, and so does
-  one whose arrays have other names or shapes than `abstract_state`'s (nothing is moved). Returns
+  one whose arrays have other names or shapes than `abstract_state`'s (nothing is moved); one
+  written with other STREAM_FIELDS (the data order) is restored with a warning. Returns
   None when the directory holds no checkpoint.
   """
   for step in sorted(manager.all_steps(), reverse=True):
@@ -160,6 +161,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: GANTrainState
       logging.warning('Checkpoint %d is unreadable (%s); moved to %s and trying the one before',
                       step, first_line(e, 200), _set_aside(manager, step))
       continue
+    changes = checkpoint_shapes.stream_changes(saved_config, config) if config else []
+    if changes:
+      logging.warning('Checkpoint %d was written with other data settings (%s): the input stream '
+                      'goes on at its saved position in the stream these settings give, so the '
+                      "data order is not the uninterrupted run's (parameters, optimizers and RNG "
+                      'resume exactly). Pass the same settings to resume exactly.', step,
+                      '; '.join(changes))
     return Restored(restored['state'], dict(restored['data'] or {}),
                     dict(restored['metadata'] or {}))
   return None

@@ -4,6 +4,7 @@ import dataclasses
 import datetime
 import errno
 import json
+import logging
 import os
 import tarfile
 from typing import Any, NamedTuple
@@ -92,6 +93,27 @@ def test_a_checkpoint_of_another_shape_is_refused_with_the_fields_named(setup, t
   other = tiny_config()
   other.model.g_widths, other.model.d_widths = (4, 4, 4, 4), [4, 4, 4, 4]
   checkpoint_shapes.check_compatible(json.loads(json.dumps(config.to_dict())), other, tmp_path)
+
+
+def test_other_data_settings_restore_with_a_warning_that_names_them(setup, tmp_path, caplog):
+  """The input position counts examples of the stream that seed and data.* give: with other
+  values the run goes on (the model is the same) but says that its data order is not exact."""
+  config, state, abstract = setup
+  manager = checkpointing.create_checkpoint_manager(tmp_path, config)
+  checkpointing.save(manager, state, config)
+  manager.wait_until_finished()
+  other = tiny_config()
+  other.seed, other.data.max_examples = 1, 500
+  with caplog.at_level(logging.WARNING):
+    assert checkpointing.restore_latest(manager, abstract(sharding.create_mesh()), other)
+    assert checkpointing.restore_latest(manager, abstract(sharding.create_mesh()), config)
+  warnings = [r.getMessage() for r in caplog.records if 'other data settings' in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert 'seed is 0 there and 1 here; data.max_examples is 0 there and 500 here' in warnings[0]
+  # A config saved before data.max_examples existed read the whole split: the same stream as 0.
+  saved = json.loads(json.dumps(config.to_dict()))
+  del saved['data']['max_examples']
+  assert checkpoint_shapes.stream_changes(saved, config) == []
 
 
 def test_arrays_of_other_shapes_are_refused_even_when_no_field_says_so(setup, tmp_path,
