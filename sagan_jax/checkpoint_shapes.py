@@ -17,8 +17,12 @@ from sagan_jax.errors import ConfigError
 SHAPE_FIELDS = ('data.resolution', 'data.channels', 'data.num_classes', 'model.ch', 'model.z_dim',
                 'model.g_widths', 'model.d_widths', 'model.g_shared_embedding',
                 'model.g_attention', 'model.d_attention', 'model.progressive_resolutions')
-# The values of SHAPE_FIELDS that configs saved before the field existed stand for.
-SHAPE_DEFAULTS = {'model.progressive_resolutions': [], 'model.g_shared_embedding': 0}
+# The settings that decide the training stream's order: a checkpoint's input position counts
+# examples of that stream, so with another value it goes on in a different one.
+STREAM_FIELDS = ('seed', 'data.name', 'data.split', 'data.max_examples', 'data.shuffle_buffer')
+# The values that configs saved before a field existed stand for.
+FIELD_DEFAULTS = {'model.progressive_resolutions': [], 'model.g_shared_embedding': 0,
+                  'data.max_examples': 0}
 
 
 def _field(config_dict: Any, dotted: str) -> Any:
@@ -26,7 +30,7 @@ def _field(config_dict: Any, dotted: str) -> Any:
   for key in dotted.split('.'):
     value = value.get(key) if isinstance(value, dict) else None
   if value is None:
-    value = SHAPE_DEFAULTS.get(dotted)
+    value = FIELD_DEFAULTS.get(dotted)
   if dotted in ('model.g_widths', 'model.d_widths'):  # () is the resolution's table.
     value = getattr(architectures.architecture(
         ml_collections.ConfigDict(config_dict['model']), config_dict['data']['resolution']),
@@ -34,36 +38,25 @@ def _field(config_dict: Any, dotted: str) -> Any:
   return json.loads(json.dumps(value))  # Tuples and lists compare alike.
 
 
+def _differences(saved_config: Dict[str, Any], config, fields) -> List[str]:
+  """'data.max_examples is 5000 there and 0 here' for each of `fields` that differs."""
+  current = config.to_dict()
+  return [f'{name} is {_field(saved_config, name)} there and {_field(current, name)} here'
+          for name in fields if _field(saved_config, name) != _field(current, name)]
+
+
 def check_compatible(saved_config: Dict[str, Any], config, directory) -> None:
   """Raises ConfigError when a checkpoint's config differs from `config` in SHAPE_FIELDS."""
-  current = config.to_dict()
-  differences = [f'{name} is {_field(saved_config, name)} there and {_field(current, name)} here'
-                 for name in SHAPE_FIELDS
-                 if _field(saved_config, name) != _field(current, name)]
+  differences = _differences(saved_config, config, SHAPE_FIELDS)
   if differences:
     raise ConfigError(
         f'{directory} holds checkpoints of another model ({"; ".join(differences)}): '
         'pass the same settings to resume, or use a new --workdir')
 
 
-# The settings that decide the training stream's order: a checkpoint's input position counts
-# examples of that stream, so with another value it goes on in a different one.
-STREAM_FIELDS = ('seed', 'data.name', 'data.split', 'data.max_examples', 'data.shuffle_buffer')
-STREAM_DEFAULTS = {'data.max_examples': 0}
-
-
 def stream_changes(saved_config: Dict[str, Any], config) -> List[str]:
-  """The STREAM_FIELDS whose values differ between a checkpoint's config and `config`, as
-  'data.max_examples is 5000 there and 0 here'."""
-  current = config.to_dict()
-
-  def value(config_dict, dotted):
-    for key in dotted.split('.'):
-      config_dict = config_dict.get(key) if isinstance(config_dict, dict) else None
-    return STREAM_DEFAULTS.get(dotted) if config_dict is None else config_dict
-
-  return [f'{name} is {value(saved_config, name)} there and {value(current, name)} here'
-          for name in STREAM_FIELDS if value(saved_config, name) != value(current, name)]
+  """The STREAM_FIELDS that differ between a checkpoint's config and `config`, described."""
+  return _differences(saved_config, config, STREAM_FIELDS)
 
 
 def _leaves(tree) -> Dict[str, tuple]:
